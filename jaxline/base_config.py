@@ -1,0 +1,164 @@
+"""The base config every jaxline experiment extends, and its validation.
+
+The 24 keys below are the ones jaxline 0.0.8 defined, with the same defaults
+and types, so that existing config files keep working. Optional keys added
+since (see ``OPTIONAL_KEYS``) are read with ``config.get(key, default)`` and
+are never required.
+"""
+
+import difflib
+from typing import Any, Mapping, Optional
+
+from ml_collections import config_dict
+
+# Keys the harness reads with a default; configs may omit them.
+OPTIONAL_KEYS: Mapping[str, Any] = {
+    # Root of TensorBoard logs and on-disk checkpoints; "" keeps both off.
+    "checkpoint_dir": "",
+    # Seconds the eval loop sleeps between polls for a new checkpoint.
+    "eval_poll_interval_secs": 10.0,
+}
+
+_INTERVAL_TYPES = ("secs", "steps")
+_RNG_MODES = ("unique_host_unique_device", "unique_host_same_device",
+              "same_host_unique_device", "same_host_same_device")
+
+
+def get_base_config() -> config_dict.ConfigDict:
+  """Returns a fresh, unlocked config with every required key and default."""
+  config = config_dict.ConfigDict()
+  config.experiment_kwargs = config_dict.ConfigDict()
+  config.training_steps = 10000
+  config.interval_type = "secs"
+  config.save_checkpoint_interval = 300
+  config.log_tensors_interval = 60
+  config.periodic_action_growth_ratios = None
+  config.log_train_data_interval = 120.0
+  config.log_async = True
+  config.log_all_hosts = False
+  config.logging_interval_type = None
+  config.checkpoint_interval_type = None
+  config.save_initial_train_checkpoint = False
+  config.train_checkpoint_all_hosts = False
+  config.best_checkpoint_all_hosts = False
+  config.log_all_train_data = False
+  config.eval_initial_weights = False
+  config.one_off_evaluate = False
+  config.max_checkpoints_to_keep = 5
+  config.random_seed = 42
+  config.random_mode_train = "unique_host_unique_device"
+  config.random_mode_eval = "same_host_same_device"
+  config.legacy_random_seed_behavior = False
+  config.best_model_eval_metric = ""
+  config.best_model_eval_metric_higher_is_better = True
+  return config
+
+
+def validate_keys(base_cfg: Mapping[str, Any],
+                  config: Mapping[str, Any],
+                  base_filename: str = "base_config.py") -> None:
+  """Raises ValueError if `config` lacks a key that `base_cfg` has.
+
+  Extra keys in `config` are allowed: real configs carry project keys.
+  """
+  for key in base_cfg.keys():
+    if key not in config:
+      raise ValueError(
+          f"Key {key!r} missing from config. This config is required to have "
+          f"keys: {list(base_cfg.keys())}. See {base_filename} for more "
+          "details.")
+    if (isinstance(base_cfg[key], config_dict.ConfigDict) and
+        config[key] is not None):
+      validate_keys(base_cfg[key], config[key], base_filename)
+
+
+def _effective(config: Mapping[str, Any], override_key: str) -> Optional[str]:
+  return config[override_key] or config["interval_type"]
+
+
+def _checkpoint_action_created(config: Mapping[str, Any]) -> bool:
+  interval = config["save_checkpoint_interval"]
+  return interval is not None and interval > 0
+
+
+def check_constraints(config: Mapping[str, Any]) -> None:
+  """Raises ValueError for settings whose combination cannot work."""
+  checkpoint_type = _effective(config, "checkpoint_interval_type")
+  logging_type = _effective(config, "logging_interval_type")
+  if config["train_checkpoint_all_hosts"] and checkpoint_type != "steps":
+    raise ValueError(
+        "train_checkpoint_all_hosts=True needs step-based checkpointing, so "
+        "that every host saves at the same step: set "
+        "checkpoint_interval_type='steps' (or interval_type='steps').")
+  if config["periodic_action_growth_ratios"] is not None:
+    typed = [("logging_interval_type", logging_type)]
+    if _checkpoint_action_created(config):
+      typed.append(("checkpoint_interval_type", checkpoint_type))
+    for key, interval_type in typed:
+      if interval_type != "steps":
+        raise ValueError(
+            "periodic_action_growth_ratios only work with step intervals, but "
+            f"the effective {key} is {interval_type!r}: set {key}='steps' "
+            "(or interval_type='steps'), or periodic_action_growth_ratios="
+            "None.")
+
+
+def _check_values(config: Mapping[str, Any]) -> None:
+  """Rejects values that 0.0.8 could not use, naming the key."""
+  for key in ("random_mode_train", "random_mode_eval"):
+    if config[key] not in _RNG_MODES:
+      raise ValueError(f"config.{key}={config[key]!r} is not a valid RNG "
+                       f"mode; use one of {list(_RNG_MODES)}.")
+  steps = config["training_steps"]
+  if steps is not None and steps < 0:
+    raise ValueError(f"config.training_steps={steps} is negative; use a "
+                     "count of steps >= 0 (or None with a custom "
+                     "should_run_step).")
+  actions = [("logging_interval_type", True),
+             ("checkpoint_interval_type", _checkpoint_action_created(config))]
+  for key, created in actions:
+    value = _effective(config, key)
+    if created and value not in _INTERVAL_TYPES:
+      raise ValueError(
+          f"The effective {key} is {value!r}; set {key} or interval_type to "
+          f"one of {list(_INTERVAL_TYPES)}.")
+
+
+def _check_misspellings(base_cfg: Mapping[str, Any],
+                        config: Mapping[str, Any]) -> None:
+  """Rejects an extra top-level key that is a near-miss of a known key.
+
+  A typo such as `traning_steps` would otherwise be ignored silently while the
+  default runs. Other extra keys stay allowed.
+  """
+  known = list(base_cfg.keys()) + list(OPTIONAL_KEYS)
+  for key in config.keys():
+    if key in known:
+      continue
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+    if close:
+      raise ValueError(
+          f"Config key {key!r} is not a jaxline key; did you mean "
+          f"{close[0]!r}? Rename it (or, if it is your own key, give it a "
+          "name less like a jaxline key).")
+
+
+def validate_config(config: Mapping[str, Any]) -> None:
+  """Checks a user config before anything is built or compiled."""
+  base = get_base_config()
+  validate_keys(base, config)
+  _check_misspellings(base, config)
+  check_constraints(config)
+  _check_values(config)
+
+
+def resolve(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+  """Fills the optional keys in place, so the printed config is complete.
+
+  Works on locked configs, since kfac-jax and others lock theirs.
+  """
+  with config.unlocked():
+    for key, default in OPTIONAL_KEYS.items():
+      if key not in config:
+        setattr(config, key, default)
+  return config

@@ -1,0 +1,144 @@
+"""Moving values between the host and the per-device layout.
+
+A *per-device* value has a leading axis of `jax.local_device_count()` whose
+slice i lives on `jax.local_devices()[i]`: the layout a `jax.pmap` output has.
+Arrays are built directly in that layout with a `NamedSharding`, so a user's
+pmapped function takes them without a copy, and nothing here uses the removed
+`device_put_sharded`/`device_put_replicated`.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOCAL_AXIS = "i"
+
+
+@functools.lru_cache(maxsize=None)
+def _local_mesh(devices: tuple[Any, ...]) -> jax.sharding.Mesh:
+  return jax.sharding.Mesh(np.array(devices), (LOCAL_AXIS,))
+
+
+def local_mesh() -> jax.sharding.Mesh:
+  """A 1-d mesh over this process's devices, in `jax.local_devices()` order."""
+  return _local_mesh(tuple(jax.local_devices()))
+
+
+def per_device_sharding() -> jax.sharding.NamedSharding:
+  """The sharding of a per-device value: axis 0 split over local devices."""
+  return jax.sharding.NamedSharding(local_mesh(),
+                                    jax.sharding.PartitionSpec(LOCAL_AXIS))
+
+
+def _is_key_array(x: Any) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+      x.dtype, jax.dtypes.prng_key)
+
+
+def _bcast_leaf(x: Any, devices: Sequence[Any],
+                sharding: jax.sharding.Sharding) -> jax.Array:
+  if _is_key_array(x):
+    data = _bcast_leaf(jax.random.key_data(x), devices, sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  n = len(devices)
+  if isinstance(x, jax.Array):
+    # Stay on device: one reshape, then a device-to-device copy per device.
+    row = jnp.expand_dims(x, 0)
+    shards = [jax.device_put(row, d) for d in devices]
+    return jax.make_array_from_single_device_arrays((n,) + x.shape, sharding,
+                                                    shards)
+  host = np.asarray(x)
+  return jax.device_put(np.broadcast_to(host, (n,) + host.shape), sharding)
+
+
+def bcast_local_devices(value: Any) -> Any:
+  """Gives every local device its own copy of `value` (per-device layout)."""
+  devices = jax.local_devices()
+  sharding = per_device_sharding()
+  return jax.tree.map(lambda x: _bcast_leaf(x, devices, sharding), value)
+
+
+def _first_leaf(x: Any) -> Any:
+  if isinstance(x, jax.Array) and not x.is_fully_replicated or (
+      isinstance(x, jax.Array) and len(x.sharding.device_set) > 1):
+    # Indexing a sharded array may gather it; the shard holding index 0
+    # already has the value.
+    def start(shard):
+      index = shard.index[0] if shard.index else slice(None)
+      return index.start or 0
+    shard = min(x.addressable_shards, key=start)
+    return shard.data[0]
+  return x[0]
+
+
+def get_first(xs: Any) -> Any:
+  """Device 0's slice of every per-device leaf."""
+  return jax.tree.map(_first_leaf, xs)
+
+
+def maybe_device_get(x: Any) -> Any:
+  """Fetches `x` to the host if it is a JAX array."""
+  if isinstance(x, jnp.ndarray):
+    return jax.device_get(x)
+  return x
+
+
+def _plain(tree: Any) -> Any:
+  """ConfigDicts are not pytrees; turn them (and other Mappings) into dicts."""
+  if isinstance(tree, dict) or (hasattr(tree, "to_dict") and
+                                hasattr(tree, "items")):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a frozen `jax.Array` leaf lived, to put it back there on thaw."""
+  sharding: Optional[jax.sharding.Sharding]
+  key_impl: Optional[Any] = None
+
+
+def freeze(tree: Any) -> tuple[Any, dict[str, Placement]]:
+  """A deep host copy of `tree`, and where its `jax.Array` leaves lived.
+
+  Containers are rebuilt, arrays become numpy copies, Python scalars and None
+  are kept. Later donation or mutation of the live arrays cannot reach it.
+  """
+  placements = {}
+
+  def leaf(path, x):
+    if isinstance(x, jax.Array):
+      impl = None
+      if _is_key_array(x):
+        impl = jax.random.key_impl(x)
+        x = jax.random.key_data(x)
+      sharding = x.sharding if x.is_fully_addressable else None
+      placements[jax.tree_util.keystr(path)] = Placement(sharding, impl)
+      return np.array(jax.device_get(x))
+    if isinstance(x, np.ndarray):
+      return x.copy()
+    return x
+
+  return jax.tree_util.tree_map_with_path(leaf, _plain(tree)), placements
+
+
+def thaw(tree: Any, placements: Mapping[str, Placement]) -> Any:
+  """Inverse of `freeze`: arrays go back on their devices as `jax.Array`."""
+
+  def leaf(path, x):
+    placement = placements.get(jax.tree_util.keystr(path))
+    if placement is None:
+      return x.copy() if isinstance(x, np.ndarray) else x
+    try:
+      array = jax.device_put(x, placement.sharding)
+    except (ValueError, RuntimeError):  # Those devices are gone.
+      array = jax.device_put(x)
+    if placement.key_impl is not None:
+      array = jax.random.wrap_key_data(array, impl=placement.key_impl)
+    return array
+
+  return jax.tree_util.tree_map_with_path(leaf, _plain(tree))

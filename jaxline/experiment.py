@@ -1,0 +1,126 @@
+"""`AbstractExperiment`: the class a researcher subclasses.
+
+A subclass defines `__init__`, `step` and `evaluate`; the harness owns the
+loop, the keys, checkpoints and logging. Attribute maps are read through
+`self` on every use, so they may be properties that depend on the mode.
+"""
+
+import abc
+import time
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+
+from jaxline import rng as rng_lib
+from jaxline import utils
+
+
+def _check_step_output(scalars: Any) -> None:
+  if not isinstance(scalars, Mapping):
+    raise TypeError(
+        "Experiment.step must return a mapping of scalars to log ({} if there "
+        f"is nothing to log), but it returned a {type(scalars).__name__}.")
+
+
+class AbstractExperiment(abc.ABC):
+  """The interface between a user's experiment and the harness."""
+
+  # Attribute name -> checkpoint name, for per-device values (leading axis
+  # of local_device_count): device 0's slice is saved, and restored to all.
+  CHECKPOINT_ATTRS: Dict[str, str] = {}
+  # Same, for values saved and restored whole: step counters, host state.
+  NON_BROADCAST_CHECKPOINT_ATTRS: Dict[str, str] = {}
+
+  @abc.abstractmethod
+  def __init__(self, mode: str, init_rng: Optional[jax.Array] = None):
+    """Subclasses must define it; calling this base body is optional."""
+
+  def initialize_train_step_rng(self, rng: jax.Array) -> jax.Array:
+    """The per-device key state the step keys are split from."""
+    return utils.bcast_local_devices(rng)
+
+  @abc.abstractmethod
+  def step(self, *, global_step: jax.Array, rng: jax.Array,
+           writer: Optional[utils.Writer]) -> Dict[str, np.ndarray]:
+    """Runs one training step and returns scalars to log."""
+
+  @abc.abstractmethod
+  def evaluate(self, *, global_step: jax.Array, rng: jax.Array,
+               writer: Optional[utils.Writer]) -> Optional[Dict[str, Any]]:
+    """Evaluates the current parameters and returns scalars to log."""
+
+  def should_run_step(self, global_step: int, config) -> bool:
+    """Whether training continues; `global_step` is the count of steps done."""
+    return global_step < config.training_steps
+
+  def train_loop(self, config, state, periodic_actions: Sequence[Any],
+                 writer: Optional[utils.Writer] = None) -> None:
+    """Runs steps until `should_run_step` is False, calling the actions.
+
+    Per step the loop adds one small device call (count the step and split
+    the keys) and no transfer to the host; actions fetch only when they fire.
+    """
+    with utils.log_activity("training loop"):
+      host_ids = None
+      if utils.DistributedRNGMode(config.random_mode_train).unique_host:
+        host_ids = utils.bcast_local_devices(np.int32(jax.process_index()))
+      advance = rng_lib.make_step_key_fn(config.random_mode_train)
+      global_step_devices = utils.bcast_local_devices(
+          np.asarray(state.global_step - 1, dtype=_step_dtype()))
+      while self.should_run_step(state.global_step, config):
+        with jax.profiler.StepTraceAnnotation(
+            "train", step_num=state.global_step):
+          global_step_devices, step_key, state.train_step_rng = advance(
+              global_step_devices, state.train_step_rng, host_ids)
+          scalar_outputs = self.step(
+              global_step=global_step_devices, rng=step_key, writer=writer)
+          _check_step_output(scalar_outputs)
+          t = time.time()
+          state.global_step += 1
+        for action in periodic_actions:
+          action(t, state.global_step, scalar_outputs)
+
+  def snapshot_state(self) -> Dict[str, Any]:
+    """What a checkpoint holds: checkpoint name -> value."""
+    snapshot = {}
+    for attr, name in self.CHECKPOINT_ATTRS.items():
+      snapshot[name] = utils.get_first(getattr(self, attr))
+    for attr, name in self.NON_BROADCAST_CHECKPOINT_ATTRS.items():
+      snapshot[name] = getattr(self, attr)
+    if not snapshot:
+      logging.warning(
+          "Nothing will be checkpointed: CHECKPOINT_ATTRS and "
+          "NON_BROADCAST_CHECKPOINT_ATTRS of %s are both empty.",
+          type(self).__name__)
+    return snapshot
+
+  def restore_from_snapshot(self, snapshot_state: Mapping[str, Any]) -> None:
+    """Puts a snapshot's values back, per-device ones on every device."""
+    maps = [(self.CHECKPOINT_ATTRS, True),
+            (self.NON_BROADCAST_CHECKPOINT_ATTRS, False)]
+    for attr_map, _ in maps:
+      for name in attr_map.values():
+        if name not in snapshot_state:
+          raise KeyError(
+              f"Checkpoint has no entry {name!r}; it holds "
+              f"{sorted(map(str, snapshot_state))}. Does the experiment "
+              "match the checkpoint?")
+    # Free device memory before new buffers are placed.
+    for attr_map, _ in maps:
+      for attr in attr_map:
+        if attr in self.__dict__:
+          delattr(self, attr)
+    for attr_map, broadcast in maps:
+      for attr, name in attr_map.items():
+        value = snapshot_state[name]
+        setattr(self, attr,
+                utils.bcast_local_devices(value) if broadcast else value)
+
+  def on_new_best_model(self, best_state: Any) -> None:
+    """Called just before each save of a new best checkpoint."""
+
+
+def _step_dtype():
+  return np.int64 if jax.config.jax_enable_x64 else np.int32

@@ -1,0 +1,176 @@
+"""The entry point: flags, config validation and the choice of mode.
+
+A user's experiment file ends with
+
+    if __name__ == "__main__":
+      flags.mark_flag_as_required("config")
+      app.run(functools.partial(platform.main, Experiment))
+
+and runs as `python experiment.py --config=experiment.py`.
+"""
+
+import copy
+import sys
+import threading
+from typing import Any, Callable, Optional
+
+from absl import flags
+from absl import logging
+import chex
+from ml_collections import config_flags
+
+from jaxline import base_config
+from jaxline import train
+from jaxline import utils
+from jaxline import writers
+
+TensorBoardLogger = writers.TensorBoardLogger
+
+FLAGS = flags.FLAGS
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", help_string="Training configuration file.")
+_MODE = flags.DEFINE_string(
+    "jaxline_mode", "train",
+    "'train', 'eval' (or any mode starting with 'eval'), or "
+    "'train_eval_multithreaded'.")
+_TPU_DRIVER = flags.DEFINE_string(
+    "jaxline_tpu_driver", "", "Unsupported: tpu_driver no longer exists.")
+_ENSURE_TPU = flags.DEFINE_bool(
+    "jaxline_ensure_tpu", False, "Fail unless a TPU is available.")
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "jaxline_print_config", False,
+    "Print the fully resolved config (defaults filled in) and exit.")
+
+VALID_MODES = ("train", "eval", "eval_*", "train_eval_multithreaded")
+
+
+def create_checkpointer(config, mode: str) -> utils.Checkpointer:
+  """The default checkpointer factory."""
+  return utils.InMemoryCheckpointer(config, mode)
+
+
+def create_writer(config, mode: str) -> Any:
+  """The default writer factory: TensorBoard under `checkpoint_dir/mode`."""
+  if not config.get("checkpoint_dir", ""):
+    logging.warning("config.checkpoint_dir is not set, so no TensorBoard logs "
+                    "will be written. Set it to keep them.")
+    return writers.NullWriter()
+  return TensorBoardLogger(config, mode)
+
+
+class _StopWhenSet:
+  """An action that ends training at the next step once `event` is set."""
+
+  def __init__(self, event: threading.Event):
+    self._event = event
+
+  def update_time(self, t: float, step: int) -> None:
+    del t, step
+
+  def __call__(self, t: float, step: int, scalar_outputs: Any) -> None:
+    if self._event.is_set():
+      raise RuntimeError(f"Training stopped at step {step}: evaluation failed.")
+
+  def wait_to_finish(self) -> None:
+    pass
+
+
+def _close(writer: Any) -> None:
+  close = getattr(writer, "close", None)
+  if callable(close):
+    close()
+
+
+def _run_train(experiment_class, config, checkpointer_factory, writer_factory,
+               periodic_actions=()) -> None:
+  checkpointer = checkpointer_factory(config, "train")
+  writer = writer_factory(config, "train")
+  try:
+    train.train(experiment_class, config, checkpointer, writer,
+                periodic_actions=periodic_actions)
+  finally:
+    _close(writer)
+
+
+def _run_eval(experiment_class, config, checkpointer_factory, writer_factory,
+              mode: str, jaxline_mode: Optional[str], stop_event=None) -> None:
+  checkpointer = checkpointer_factory(config, mode)
+  writer = writer_factory(config, mode)
+  try:
+    train.evaluate(experiment_class, config, checkpointer, writer,
+                   jaxline_mode, stop_event=stop_event)
+  finally:
+    _close(writer)
+
+
+def _train_eval_multithreaded(experiment_class, config, checkpointer_factory,
+                              writer_factory) -> None:
+  """Trains in a thread and evaluates here; a failure in either stops both."""
+  train_failed = threading.Event()
+  eval_failed = threading.Event()
+  train_errors = []
+
+  def train_thread():
+    try:
+      _run_train(experiment_class, config, checkpointer_factory,
+                 writer_factory, periodic_actions=(_StopWhenSet(eval_failed),))
+    except BaseException as e:  # pylint: disable=broad-except
+      train_errors.append(e)
+      train_failed.set()
+
+  thread = threading.Thread(target=train_thread, name="jaxline_train")
+  thread.start()
+  try:
+    # jaxline_mode is not passed on: the eval experiment's mode is
+    # "train_eval_multithreaded", as in 0.0.8.
+    _run_eval(experiment_class, config, checkpointer_factory, writer_factory,
+              "eval", None, stop_event=train_failed)
+  except BaseException:
+    eval_failed.set()
+    thread.join()
+    raise
+  thread.join()
+  if train_errors:
+    raise train_errors[0]
+
+
+@utils.debugger_fallback
+def main(experiment_class: Callable[..., Any],
+         argv: Any,
+         checkpointer_factory: Callable[..., utils.Checkpointer] = (
+             create_checkpointer),
+         writer_factory: Optional[Callable[..., Any]] = None) -> None:
+  """Runs `experiment_class` in the mode given by --jaxline_mode."""
+  del argv
+  if not FLAGS.is_parsed():
+    FLAGS(sys.argv)
+  config = FLAGS.config
+  if config is None:
+    raise ValueError("No config given: pass --config=path/to/config.py "
+                     "(a file defining get_config()).")
+  base_config.validate_config(config)
+  if FLAGS.jaxline_print_config:
+    print(base_config.resolve(copy.deepcopy(config)))
+    return
+  if FLAGS.jaxline_tpu_driver:
+    raise ValueError(
+        "--jaxline_tpu_driver is no longer supported: JAX removed the "
+        "tpu_driver backend. Run on the TPU VM itself and drop the flag.")
+  if FLAGS.jaxline_ensure_tpu:
+    chex.assert_tpu_available()
+  if writer_factory is None:
+    writer_factory = create_writer
+
+  mode = FLAGS.jaxline_mode
+  if mode == "train":
+    _run_train(experiment_class, config, checkpointer_factory, writer_factory)
+  elif mode.startswith("eval"):
+    _run_eval(experiment_class, config, checkpointer_factory, writer_factory,
+              mode, mode)
+  elif mode == "train_eval_multithreaded":
+    _train_eval_multithreaded(experiment_class, config, checkpointer_factory,
+                              writer_factory)
+  else:
+    raise ValueError(f"Mode {mode} not recognized. Valid modes: "
+                     f"{', '.join(VALID_MODES)}.")

@@ -1,0 +1,288 @@
+"""The training and evaluation loops.
+
+`train` builds the experiment, restores the newest checkpoint, attaches the
+periodic actions and runs `experiment.train_loop`. `evaluate` follows the
+"latest" checkpoint series, evaluating each new checkpoint and keeping the
+"best" series. Both read top to bottom; helpers sit below them.
+"""
+
+import datetime
+import functools
+import inspect
+import math
+import threading
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+from jaxline import rng as rng_lib
+from jaxline import utils
+from jaxline import writers
+
+FLAGS = flags.FLAGS
+
+
+@utils.disable_pmap_jit
+def train(experiment_class: Callable[..., Any],
+          config,
+          checkpointer: utils.Checkpointer,
+          writer: Optional[utils.Writer],
+          periodic_actions: Sequence[utils.PeriodicAction] = ()) -> None:
+  """Trains `experiment_class` until `should_run_step` is False."""
+  logging.info("Training with config:\n%s", config)
+  is_chief = jax.process_index() == 0
+  is_checkpointer = config.train_checkpoint_all_hosts or is_chief
+
+  train_key, init_key = rng_lib.train_and_init_keys(config)
+  with utils.log_activity("experiment init"):
+    experiment = _build_experiment(experiment_class, "train", init_key, config)
+
+  state = checkpointer.get_experiment_state("latest")
+  state.global_step = 0
+  state.experiment_module = experiment
+  state.train_step_rng = experiment.initialize_train_step_rng(train_key)
+
+  restored = checkpointer.can_be_restored("latest")
+  if restored:
+    with utils.log_activity("checkpoint restore"):
+      checkpointer.restore("latest")
+
+  actions = tuple(periodic_actions) + _default_actions(
+      config, checkpointer, writer, is_chief, is_checkpointer)
+  for action in actions:
+    action.update_time(time.time(), state.global_step)
+
+  if is_checkpointer and config.save_initial_train_checkpoint and not restored:
+    with utils.log_activity("first checkpoint"):
+      checkpointer.save("latest")
+
+  try:
+    experiment.train_loop(config, state, actions, writer)
+  except BaseException:
+    # Keep what was logged; skip the final save of a state that failed.
+    _finish_actions(actions, raise_errors=False)
+    writers.flush_writer(writer)
+    raise
+
+  if is_checkpointer:
+    with utils.log_activity("final checkpoint"):
+      checkpointer.save("latest")
+      checkpointer.wait_for_checkpointing_to_finish()
+  _finish_actions(actions, raise_errors=True)
+  _flush(writer)
+  utils.rendezvous()
+
+
+@utils.disable_pmap_jit
+def evaluate(experiment_class: Callable[..., Any],
+             config,
+             checkpointer: utils.Checkpointer,
+             writer: Optional[utils.Writer],
+             jaxline_mode: Optional[str] = None,
+             *,
+             stop_event: Optional[threading.Event] = None) -> None:
+  """Evaluates each new "latest" checkpoint until training is done.
+
+  `stop_event`, when set, ends the poll loop at its next wait: the
+  multithreaded mode uses it when the training thread fails.
+  """
+  if jaxline_mode is None:
+    jaxline_mode = FLAGS.jaxline_mode
+  logging.info("Evaluating with config:\n%s", config)
+  eval_key = jax.random.PRNGKey(config.random_seed)
+  experiment = _build_experiment(experiment_class, jaxline_mode, eval_key,
+                                 config)
+  poll_secs = float(config.get("eval_poll_interval_secs", 10.0))
+  evaluate_fn = utils.evaluate_should_return_dict(experiment.evaluate)
+
+  track_best = bool(config.best_model_eval_metric) and bool(
+      config.best_checkpoint_all_hosts or jax.process_index() == 0)
+  higher_is_better = config.best_model_eval_metric_higher_is_better
+  if track_best:
+    best_state = checkpointer.get_experiment_state("best")
+    best_state.best_eval_metric_value = (-math.inf if higher_is_better
+                                         else math.inf)
+    best_state.best_model_eval_metric = config.best_model_eval_metric
+    best_state.experiment_module = experiment
+    if checkpointer.can_be_restored("best"):
+      with utils.log_activity("best checkpoint restore"):
+        checkpointer.restore("best")
+
+  state = checkpointer.get_experiment_state("latest")
+  state.global_step = 0
+  state.experiment_module = experiment
+  state.train_step_rng = None
+  eval_rng = rng_lib.eval_keys(config)
+
+  prev_path = None
+  initial_weights_done = False
+  try:
+    while True:
+      path = checkpointer.restore_path("latest")
+      if config.one_off_evaluate:
+        if checkpointer.can_be_restored("latest"):
+          with utils.log_activity("one off evaluate checkpoint restore"):
+            checkpointer.restore("latest")
+        elif config.eval_initial_weights:
+          logging.info("Evaluating initial weights (no checkpoint yet).")
+        else:
+          raise ValueError(
+              "Checkpoint invalid and eval_initial_weights set to False")
+      elif (path is None and config.eval_initial_weights and
+            not initial_weights_done):
+        initial_weights_done = True
+        logging.info("Evaluating initial weights (no checkpoint yet).")
+      elif (path is None or path == prev_path or
+            not checkpointer.can_be_restored("latest")):
+        logging.info("Checkpoint %s invalid or already evaluated, waiting %ss.",
+                     path, poll_secs)
+        if _wait(stop_event, poll_secs):
+          logging.info("Evaluation stopped: training ended early.")
+          return
+        continue
+      else:
+        checkpointer.restore("latest")
+
+      global_step = utils.bcast_local_devices(
+          np.asarray(state.global_step, np.int32))
+      scalars = evaluate_fn(global_step=global_step, rng=eval_rng,
+                            writer=writer)
+      if writer is not None:
+        writer.write_scalars(state.global_step, scalars)
+      prev_path = path
+
+      if track_best:
+        _maybe_save_best(config, checkpointer, experiment, state, best_state,
+                         scalars)
+      if config.one_off_evaluate or not experiment.should_run_step(
+          state.global_step, config):
+        logging.info("Last checkpoint (iteration %d) evaluated, exiting.",
+                     state.global_step)
+        break
+  finally:
+    checkpointer.wait_for_checkpointing_to_finish()
+    writers.flush_writer(writer)
+
+
+def _build_experiment(experiment_class, mode: str, init_rng, config):
+  """Calls the constructor as 0.0.8 did: `init_rng` only if it is accepted."""
+  kwargs = config.experiment_kwargs
+  if "init_rng" in inspect.signature(experiment_class).parameters:
+    return experiment_class(mode, init_rng=init_rng, **kwargs)
+  logging.warning(
+      "%s does not take an init_rng argument; this is deprecated. Accept "
+      "init_rng in __init__ to get a reproducible initialisation key.",
+      getattr(experiment_class, "__name__", experiment_class))
+  return experiment_class(mode, **kwargs)
+
+
+def _default_actions(config, checkpointer, writer, is_chief: bool,
+                     is_checkpointer: bool) -> tuple[utils.PeriodicAction, ...]:
+  """The stdout log, the periodic save and the writer, as 0.0.8 made them."""
+  ratios = config.periodic_action_growth_ratios
+  logging_type = config.logging_interval_type or config.interval_type
+  checkpoint_type = config.checkpoint_interval_type or config.interval_type
+  actions = []
+  if config.log_tensors_interval is not None:
+    actions.append(utils.PeriodicAction(
+        functools.partial(_log_outputs, training_steps=config.training_steps),
+        interval_type=logging_type,
+        interval=config.log_tensors_interval,
+        run_async=config.log_async,
+        logging_growth_ratios=ratios))
+  interval = config.save_checkpoint_interval
+  if is_checkpointer and interval is not None and interval > 0:
+    actions.append(utils.PeriodicAction(
+        lambda step, scalars: checkpointer.save("latest"),
+        interval_type=checkpoint_type,
+        interval=interval,
+        run_async=False,
+        logging_growth_ratios=ratios))
+  if ((is_chief or config.log_all_hosts) and writer is not None and
+      config.log_train_data_interval is not None):
+    actions.append(utils.PeriodicAction(
+        writer.write_scalars,
+        interval_type=logging_type,
+        interval=config.log_train_data_interval,
+        run_async=True,
+        log_all_data=config.log_all_train_data,
+        logging_growth_ratios=ratios,
+        end_step_to_action=config.training_steps))
+  return tuple(actions)
+
+
+def _log_outputs(step: int, scalar_values: Mapping[str, Any], *,
+                 training_steps: Optional[int]) -> None:
+  """The progress line: 0.0.8's text, then steps/sec and an ETA."""
+  scalars = jax.tree.map(
+      lambda x: x.tolist() if isinstance(x, np.ndarray) else x,
+      scalar_values)
+  rate = scalar_values.get("steps_per_sec")
+  if training_steps and rate:
+    eta = datetime.timedelta(seconds=round(
+        max(training_steps - step, 0) / float(rate)))
+    logging.info("global_step: %d, %s [%.2f steps/sec, ETA %s]", step,
+                 scalars, float(rate), eta)
+  else:
+    logging.info("global_step: %d, %s", step, scalars)
+
+
+def _finish_actions(actions, *, raise_errors: bool) -> None:
+  first_error = None
+  for action in actions:
+    try:
+      action.wait_to_finish()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.exception("A periodic action failed.")
+      first_error = first_error or e
+  if raise_errors and first_error is not None:
+    raise first_error
+
+
+def _flush(writer) -> None:
+  flush = getattr(writer, "flush", None)
+  if callable(flush):
+    flush()
+
+
+def _wait(stop_event: Optional[threading.Event], secs: float) -> bool:
+  """Sleeps `secs`; returns True at once if `stop_event` is set."""
+  if stop_event is None:
+    time.sleep(secs)
+    return False
+  return stop_event.wait(secs)
+
+
+def _maybe_save_best(config, checkpointer, experiment, state, best_state,
+                     scalars: Mapping[str, Any]) -> None:
+  """Saves "best" when the tracked metric strictly improves."""
+  key = config.best_model_eval_metric
+  if key not in scalars:
+    raise ValueError(
+        f"best_model_eval_metric {key!r} is not among the scalars evaluate() "
+        f"returned: {sorted(scalars)}. Fix the key in the config.")
+  value = np.asarray(jax.device_get(scalars[key]))
+  if value.size != 1:
+    raise ValueError(f"best_model_eval_metric {key!r} must be a scalar, got "
+                     f"shape {value.shape}.")
+  value = float(value.reshape(()))
+  previous = best_state.best_eval_metric_value
+  if config.best_model_eval_metric_higher_is_better:
+    better = value > previous
+  else:
+    better = value < previous
+  if not better:  # NaN compares False both ways.
+    return
+  logging.info("%s: %s %s %s, saving new best checkpoint.", key, value,
+               ">" if config.best_model_eval_metric_higher_is_better else "<",
+               previous)
+  best_state.global_step = state.global_step
+  best_state.experiment_module = experiment
+  best_state.best_eval_metric_value = value
+  best_state.train_step_rng = state.train_step_rng
+  experiment.on_new_best_model(best_state)
+  checkpointer.save("best")

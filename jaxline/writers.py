@@ -1,0 +1,176 @@
+"""TensorBoard writers built on TensorBoard's own event writer, without TF.
+
+`step` writes from the training thread and periodic actions from background
+threads, so every write is queued on one worker thread: callers never wait for
+a device-to-host copy or for the disk, and writes keep their order.
+"""
+
+import concurrent.futures
+import io
+import os
+import threading
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import numpy as np
+from PIL import Image
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.compat.proto import tensor_pb2
+from tensorboard.compat.proto import tensor_shape_pb2
+from tensorboard.compat.proto import types_pb2
+from tensorboard.summary.writer import event_file_writer
+
+_MAX_IMAGES = 3
+
+
+def _scalar_shape_ok(value: Any) -> bool:
+  shape = getattr(value, "shape", ())
+  return int(np.prod(shape)) == 1
+
+
+def _to_uint8(key: str, value: Any) -> np.ndarray:
+  images = np.asarray(value)
+  if images.ndim == 2:
+    images = images[None, :, :, None]
+  if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+    raise ValueError(
+        f"Image {key!r} has shape {images.shape}; write [B, H, W, C] with C "
+        "in {1, 3, 4}, or [H, W].")
+  images = images[:_MAX_IMAGES]
+  if images.dtype != np.uint8:
+    images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
+    images = np.round(images * 255.0).astype(np.uint8)
+  return images
+
+
+def _png(image: np.ndarray) -> bytes:
+  if image.shape[-1] == 1:
+    image = image[..., 0]
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def _image_value(key: str, images: np.ndarray) -> summary_pb2.Summary.Value:
+  """One summary with up to 3 images, laid out as the image plugin reads it."""
+  height, width = images.shape[1:3]
+  strings = [str(width).encode(), str(height).encode()]
+  strings += [_png(image) for image in images]
+  tensor = tensor_pb2.TensorProto(
+      dtype=types_pb2.DT_STRING,
+      string_val=strings,
+      tensor_shape=tensor_shape_pb2.TensorShapeProto(
+          dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(strings))]))
+  metadata = summary_pb2.SummaryMetadata(
+      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="images"))
+  return summary_pb2.Summary.Value(tag=key, tensor=tensor, metadata=metadata)
+
+
+class TensorBoardLogger:
+  """Writes scalars and images under `<config.checkpoint_dir>/<mode>`."""
+
+  def __init__(self, config, mode: str):
+    checkpoint_dir = config.get("checkpoint_dir", "") if hasattr(
+        config, "get") else getattr(config, "checkpoint_dir", "")
+    if not checkpoint_dir:
+      raise ValueError(
+          "TensorBoardLogger needs config.checkpoint_dir, the directory to "
+          "write event files under; set it, or use platform.create_writer, "
+          "which writes nothing when it is empty.")
+    self._logdir = os.path.join(checkpoint_dir, mode)
+    os.makedirs(self._logdir, exist_ok=True)
+    self._writer = event_file_writer.EventFileWriter(self._logdir)
+    self._executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="tensorboard")
+    self._lock = threading.Lock()
+    self._pending = []
+    self._closed = False
+
+  @property
+  def logdir(self) -> str:
+    return self._logdir
+
+  def _submit(self, fn, *args) -> None:
+    with self._lock:
+      if self._closed:
+        raise RuntimeError(f"Writer for {self._logdir} is closed.")
+      self._pending = [f for f in self._pending if not f.done()]
+      self._pending.append(self._executor.submit(fn, *args))
+
+  def _write(self, global_step: int, values) -> None:
+    event = event_pb2.Event(step=global_step,
+                            summary=summary_pb2.Summary(value=values))
+    event.wall_time = time.time()
+    self._writer.add_event(event)
+
+  def write_scalars(self, global_step: int, scalars: Mapping[str, Any]):
+    """Writes one scalar series per key; the key is the tag."""
+    for key, value in scalars.items():
+      if not _scalar_shape_ok(value):
+        raise ValueError(
+            f"Scalar {key!r} has shape {np.shape(value)}; write_scalars takes "
+            "scalars or size-1 arrays. Reduce it (e.g. with .mean()) first.")
+    step = int(global_step)
+    items = dict(scalars)
+
+    def write():
+      values = [summary_pb2.Summary.Value(tag=str(k), simple_value=float(
+          np.asarray(v).reshape(()))) for k, v in items.items()]
+      self._write(step, values)
+
+    self._submit(write)
+
+  def write_images(self, global_step: int, images: Mapping[str, Any]):
+    """Writes up to 3 images per key; floats in [0, 1] are scaled to uint8."""
+    step = int(global_step)
+    converted = {k: _to_uint8(k, v) for k, v in images.items()}
+    self._submit(lambda: self._write(
+        step, [_image_value(k, v) for k, v in converted.items()]))
+
+  def flush(self) -> None:
+    """Blocks until every queued write is on disk; re-raises its error."""
+    with self._lock:
+      pending, self._pending = self._pending, []
+    errors = [f.exception() for f in pending]
+    self._writer.flush()
+    for error in errors:
+      if error is not None:
+        raise error
+
+  def close(self) -> None:
+    if self._closed:
+      return
+    try:
+      self.flush()
+    finally:
+      self._closed = True
+      self._executor.shutdown(wait=True)
+      self._writer.close()
+
+
+class NullWriter:
+  """A writer that writes nothing, used when no checkpoint_dir is set."""
+
+  def write_scalars(self, global_step: int, scalars: Mapping[str, Any]):
+    del global_step, scalars
+
+  def write_images(self, global_step: int, images: Mapping[str, Any]):
+    del global_step, images
+
+  def flush(self) -> None:
+    pass
+
+  def close(self) -> None:
+    pass
+
+
+def flush_writer(writer: Any) -> None:
+  """Flushes any writer that can be flushed; others are left alone."""
+  flush = getattr(writer, "flush", None)
+  if callable(flush):
+    try:
+      flush()
+    except Exception:  # pylint: disable=broad-except
+      logging.exception("Flushing the writer failed.")

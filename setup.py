@@ -1,0 +1,4 @@
+"""Kept for tools that still call setup.py; pyproject.toml holds the metadata."""
+import setuptools
+
+setuptools.setup()
