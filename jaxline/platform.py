@@ -20,6 +20,8 @@ import chex
 from ml_collections import config_flags
 
 from jaxline import base_config
+from jaxline import checkpointing
+from jaxline import preemption
 from jaxline import train
 from jaxline import utils
 from jaxline import writers
@@ -46,7 +48,13 @@ VALID_MODES = ("train", "eval", "eval_*", "train_eval_multithreaded")
 
 
 def create_checkpointer(config, mode: str) -> utils.Checkpointer:
-  """The default checkpointer factory."""
+  """The default checkpointer factory.
+
+  On disk (Orbax) when `config.checkpoint_dir` is set, so runs resume and a
+  separate eval job can follow training; in memory otherwise, as in 0.0.8.
+  """
+  if config.get("checkpoint_dir", ""):
+    return checkpointing.DiskCheckpointer(config, mode)
   return utils.InMemoryCheckpointer(config, mode)
 
 
@@ -83,14 +91,15 @@ def _close(writer: Any) -> None:
 
 
 def _run_train(experiment_class, config, checkpointer_factory, writer_factory,
-               periodic_actions=()) -> None:
+               periodic_actions=(), stop_event=None) -> None:
   checkpointer = checkpointer_factory(config, "train")
   writer = writer_factory(config, "train")
   try:
     train.train(experiment_class, config, checkpointer, writer,
-                periodic_actions=periodic_actions)
+                periodic_actions=periodic_actions, stop_event=stop_event)
   finally:
     _close(writer)
+    _close(checkpointer)
 
 
 def _run_eval(experiment_class, config, checkpointer_factory, writer_factory,
@@ -102,30 +111,40 @@ def _run_eval(experiment_class, config, checkpointer_factory, writer_factory,
                    jaxline_mode, stop_event=stop_event)
   finally:
     _close(writer)
+    _close(checkpointer)
 
 
 def _train_eval_multithreaded(experiment_class, config, checkpointer_factory,
                               writer_factory) -> None:
-  """Trains in a thread and evaluates here; a failure in either stops both."""
-  train_failed = threading.Event()
+  """Trains in a thread and evaluates here; a failure in either stops both.
+
+  A preemption signal, caught here in the main thread, stops training with a
+  save and then ends evaluation.
+  """
+  preempted = threading.Event()
+  train_stopped = threading.Event()  # Failed or preempted: eval stops too.
   eval_failed = threading.Event()
   train_errors = []
 
   def train_thread():
     try:
       _run_train(experiment_class, config, checkpointer_factory,
-                 writer_factory, periodic_actions=(_StopWhenSet(eval_failed),))
+                 writer_factory, periodic_actions=(_StopWhenSet(eval_failed),),
+                 stop_event=preempted)
     except BaseException as e:  # pylint: disable=broad-except
       train_errors.append(e)
-      train_failed.set()
+    finally:
+      if train_errors or preempted.is_set():
+        train_stopped.set()
 
   thread = threading.Thread(target=train_thread, name="jaxline_train")
   thread.start()
   try:
     # jaxline_mode is not passed on: the eval experiment's mode is
     # "train_eval_multithreaded", as in 0.0.8.
-    _run_eval(experiment_class, config, checkpointer_factory, writer_factory,
-              "eval", None, stop_event=train_failed)
+    with preemption.catch_signals(preempted):
+      _run_eval(experiment_class, config, checkpointer_factory,
+                writer_factory, "eval", None, stop_event=train_stopped)
   except BaseException:
     eval_failed.set()
     thread.join()

@@ -19,6 +19,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from jaxline import preemption
 from jaxline import rng as rng_lib
 from jaxline import utils
 from jaxline import writers
@@ -31,8 +32,14 @@ def train(experiment_class: Callable[..., Any],
           config,
           checkpointer: utils.Checkpointer,
           writer: Optional[utils.Writer],
-          periodic_actions: Sequence[utils.PeriodicAction] = ()) -> None:
-  """Trains `experiment_class` until `should_run_step` is False."""
+          periodic_actions: Sequence[utils.PeriodicAction] = (),
+          *,
+          stop_event: Optional[threading.Event] = None) -> None:
+  """Trains `experiment_class` until `should_run_step` is False.
+
+  SIGTERM/SIGINT (caught here when this is the main thread) or `stop_event`
+  end training at the next step boundary with a save of "latest".
+  """
   logging.info("Training with config:\n%s", config)
   is_chief = jax.process_index() == 0
   is_checkpointer = config.train_checkpoint_all_hosts or is_chief
@@ -51,8 +58,10 @@ def train(experiment_class: Callable[..., Any],
     with utils.log_activity("checkpoint restore"):
       checkpointer.restore("latest")
 
+  stop_event = stop_event or threading.Event()
   actions = tuple(periodic_actions) + _default_actions(
-      config, checkpointer, writer, is_chief, is_checkpointer)
+      config, checkpointer, writer, is_chief, is_checkpointer) + (
+          preemption.StopOnSignal(stop_event),)
   for action in actions:
     action.update_time(time.time(), state.global_step)
 
@@ -61,7 +70,10 @@ def train(experiment_class: Callable[..., Any],
       checkpointer.save("latest")
 
   try:
-    experiment.train_loop(config, state, actions, writer)
+    with preemption.catch_signals(stop_event):
+      experiment.train_loop(config, state, actions, writer)
+  except preemption.Preempted as e:
+    logging.warning("Preempted at step %d; saving and exiting.", e.step)
   except BaseException:
     # Keep what was logged; skip the final save of a state that failed.
     _finish_actions(actions, raise_errors=False)

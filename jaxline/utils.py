@@ -25,6 +25,7 @@ from ml_collections import config_dict
 from jaxline import concurrency
 from jaxline import devices
 from jaxline import periodic
+from jaxline import preemption
 from jaxline import rng as rng_lib
 
 T = TypeVar("T")
@@ -109,6 +110,9 @@ def log_activity(activity_name: str):
   logging.info("[jaxline] %s starting...", activity_name)
   try:
     yield
+  except preemption.Preempted as e:
+    logging.info("[jaxline] %s stopped: %s", activity_name, e)
+    raise
   except BaseException:
     logging.exception("[jaxline] %s failed with error.", activity_name)
     raise

@@ -1,0 +1,333 @@
+"""Checkpoints on disk, with Orbax, behind the same protocol as in memory.
+
+Layout: `<checkpoint_dir>/checkpoints/<series>/<step>/{arrays,meta}`, one
+Orbax step directory per save, committed atomically (written to a temporary
+directory, then renamed), so a reader never sees half a checkpoint. `arrays`
+holds the numpy leaves; `meta` is JSON with the pytree skeleton
+(`serialization`), so lazily created state restores with its exact types.
+
+Saves are asynchronous: the loop waits only for the device-to-host copy. A
+newest checkpoint that cannot be read is skipped with a warning in favour of
+the one before it.
+"""
+
+import os
+import tempfile
+import threading
+from typing import Any, Dict, Optional, Set
+
+from absl import logging
+import jax
+from ml_collections import config_dict
+import orbax.checkpoint as ocp
+
+from jaxline import serialization
+from jaxline import utils
+
+FORMAT_VERSION = 1
+
+
+class _QuietOrbax(logging.logging.Filter):
+  """Drops Orbax's INFO lines (dozens per save); warnings still show."""
+
+  def filter(self, record) -> bool:
+    return not (record.levelno < logging.logging.WARNING and
+                f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_QUIET_ORBAX = _QuietOrbax()
+
+
+def quiet_orbax_info_logs() -> None:
+  logger = logging.get_absl_logger()
+  if _QUIET_ORBAX not in logger.filters:
+    logger.addFilter(_QUIET_ORBAX)
+
+
+def _ensure_writable(directory: str) -> None:
+  """Fails now, before training, if checkpoints could not be written."""
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ValueError(f"checkpoint_dir {directory!r} exists and is not a "
+                     "directory; point config.checkpoint_dir elsewhere.")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_test"):
+      pass
+  except OSError as e:
+    raise ValueError(
+        f"Cannot write checkpoints to {directory!r} ({e.strerror}). Make it "
+        "writable or set config.checkpoint_dir to a writable directory."
+    ) from e
+
+
+def _entry_attributes(experiment: Any) -> Dict[str, str]:
+  """Checkpoint name -> attribute name, for messages."""
+  names = {}
+  for attr_map in (experiment.NON_BROADCAST_CHECKPOINT_ATTRS,
+                   experiment.CHECKPOINT_ATTRS):
+    names.update({name: attr for attr, name in attr_map.items()})
+  return names
+
+
+def _structure(value: Any) -> str:
+  shapes = [getattr(x, "shape", ()) for x in jax.tree.leaves(value)]
+  return f"{jax.tree.structure(value)} with leaf shapes {shapes}"
+
+
+def check_snapshot_matches(experiment: Any, saved: Dict[str, Any]) -> None:
+  """Raises ValueError if `saved` does not fit `experiment`'s attributes."""
+  live = experiment.snapshot_state()
+  attrs = _entry_attributes(experiment)
+  describe = lambda name: f"{name!r} (attribute {attrs.get(name, '?')})"
+  missing = sorted(set(live) - set(saved), key=str)
+  extra = sorted(set(saved) - set(live), key=str)
+  if missing or extra:
+    raise ValueError(
+        "The checkpoint does not match the experiment: "
+        f"missing from the checkpoint: {[describe(n) for n in missing]}; "
+        f"in the checkpoint but not the experiment: {extra}. Checkpoint "
+        f"entries: {sorted(map(str, saved))}; experiment entries: "
+        f"{sorted(map(str, live))}.")
+  for name, live_value in live.items():
+    saved_value = saved[name]
+    if live_value is None or saved_value is None:
+      continue  # Lazily created state: nothing to compare yet.
+    if (jax.tree.structure(live_value) != jax.tree.structure(saved_value) or
+        [getattr(x, "shape", ()) for x in jax.tree.leaves(live_value)] !=
+        [getattr(x, "shape", ()) for x in jax.tree.leaves(saved_value)]):
+      raise ValueError(
+          f"Checkpoint entry {describe(name)} has another structure than the "
+          f"experiment's.\n  checkpoint: {_structure(saved_value)}\n  "
+          f"experiment: {_structure(live_value)}")
+
+
+class DiskCheckpointer(utils.Checkpointer):
+  """Keeps the "latest" and "best" series on disk with Orbax.
+
+  Use it through `platform.create_checkpointer`, which picks it whenever
+  `config.checkpoint_dir` is set. Each series keeps
+  `config.max_checkpoints_to_keep` checkpoints.
+  """
+
+  def __init__(self, config, mode: str, *, async_save: bool = True):
+    self._root = os.path.join(config.checkpoint_dir, "checkpoints")
+    self._mode = mode
+    self._max_to_keep = config.max_checkpoints_to_keep or None
+    self._allow_pickle = bool(config.get("checkpoint_allow_pickle", False))
+    self._async = async_save
+    self._follow = mode != "train"  # Readers look for new steps each time.
+    self._states: Dict[str, Any] = {}
+    self._managers: Dict[str, ocp.CheckpointManager] = {}
+    self._bad_steps: Dict[str, Set[int]] = {}
+    self._lock = threading.RLock()
+    self._fixed_latest: Optional[tuple[str, int]] = None
+    self._latest_dir: Optional[str] = None
+    eval_dir = config.get("eval_specific_checkpoint_dir", "")
+    if mode != "train" and eval_dir:
+      self._resolve_eval_dir(eval_dir)
+    _ensure_writable(self._root)
+    if not config.get("checkpoint_verbose_logs", False):
+      quiet_orbax_info_logs()
+
+  def _resolve_eval_dir(self, path: str) -> None:
+    """`eval_specific_checkpoint_dir` may name a step, a series or a root."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "meta")):
+      self._fixed_latest = (os.path.dirname(path),
+                            int(os.path.basename(path)))
+    elif os.path.isdir(os.path.join(path, "checkpoints", "latest")):
+      self._latest_dir = os.path.join(path, "checkpoints", "latest")
+    elif os.path.isdir(path):
+      self._latest_dir = path
+    else:
+      raise ValueError(f"eval_specific_checkpoint_dir {path!r} does not "
+                       "exist; point it at a checkpoint step directory, a "
+                       "series directory or a checkpoint_dir.")
+
+  def _series_dir(self, series: str) -> str:
+    if series == "latest" and self._fixed_latest:
+      return self._fixed_latest[0]
+    if series == "latest" and self._latest_dir:
+      return self._latest_dir
+    return os.path.join(self._root, series)
+
+  def _manager(self, series: str, *,
+               create: bool) -> Optional[ocp.CheckpointManager]:
+    with self._lock:
+      manager = self._managers.get(series)
+      if manager is not None:
+        return manager
+      directory = self._series_dir(series)
+      if create:
+        os.makedirs(directory, exist_ok=True)
+      elif not os.path.isdir(directory):
+        return None
+      me = jax.process_index()
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=self._max_to_keep,
+          enable_async_checkpointing=self._async,
+          create=False,
+          # Only the processes that save do so; no barriers with the others.
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              primary_host=me, active_processes={me}))
+      manager = ocp.CheckpointManager(directory, options=options,
+                                      item_names=("arrays", "meta"))
+      self._managers[series] = manager
+      return manager
+
+  def _steps(self, series: str) -> list[int]:
+    if series == "latest" and self._fixed_latest:
+      return [self._fixed_latest[1]]
+    manager = self._manager(series, create=False)
+    if manager is None:
+      return []
+    if self._follow:
+      manager.reload()
+    bad = self._bad_steps.get(series, set())
+    return sorted(s for s in manager.all_steps() if s not in bad)
+
+  def get_experiment_state(self, ckpt_series: str):
+    with self._lock:
+      if ckpt_series not in self._states:
+        self._states[ckpt_series] = config_dict.ConfigDict()
+      return self._states[ckpt_series]
+
+  def _snapshot(self, state) -> Dict[str, Any]:
+    nest = {}
+    for key, value in state.items():
+      if key == "experiment_module":
+        value = value.snapshot_state()
+      nest[key] = value
+    return nest
+
+  def _encode(self, state, series: str):
+    nest = self._snapshot(state)
+    attrs = {}
+    if "experiment_module" in state:
+      attrs = _entry_attributes(state.experiment_module)
+    skeleton, arrays = {}, {}
+    for key, value in nest.items():
+      entries = value if key == "experiment_module" else {key: value}
+      for name, entry in entries.items():
+        where = (f"checkpoint entry {name!r} (attribute "
+                 f"{attrs.get(name, name)})" if key == "experiment_module"
+                 else f"state field {name!r}")
+        sk, arr = serialization.encode(entry, allow_pickle=self._allow_pickle,
+                                       path=where)
+        prefix = f"{key}/{name}/"
+        skeleton.setdefault(key, {})[name] = _prefix(sk, prefix)
+        arrays.update({prefix + k: v for k, v in arr.items()})
+    meta = {"format": FORMAT_VERSION, "series": series, "skeleton": skeleton}
+    return meta, arrays
+
+  def save(self, ckpt_series: str) -> None:
+    state = self._states[ckpt_series]  # KeyError: a series never created.
+    step = int(state.global_step)
+    meta, arrays = self._encode(state, ckpt_series)
+    manager = self._manager(ckpt_series, create=True)
+    with self._lock:
+      bad = self._bad_steps.setdefault(ckpt_series, set())
+      if step in manager.all_steps():
+        if step not in bad:
+          logging.info("Checkpoint %s at step %d already saved.", ckpt_series,
+                       step)
+          return
+        manager.wait_until_finished()
+        manager.delete(step)
+        bad.discard(step)
+      manager.save(step, args=ocp.args.Composite(
+          arrays=ocp.args.StandardSave(arrays),
+          meta=ocp.args.JsonSave(meta)))
+    logging.info("Saved checkpoint %s with id %s.", ckpt_series, step)
+
+  def _read(self, series: str, step: int) -> Dict[str, Any]:
+    manager = self._manager(series, create=False)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    meta = restored["meta"]
+    if meta.get("format") != FORMAT_VERSION:
+      raise ValueError(f"unknown checkpoint format {meta.get('format')!r}")
+    arrays = dict(restored["arrays"] or {})
+    nest = {}
+    for key, entries in meta["skeleton"].items():
+      values = {name: serialization.decode(sk, arrays,
+                                           allow_pickle=self._allow_pickle)
+                for name, sk in entries.items()}
+      nest[key] = values if key == "experiment_module" else values[key]
+    return nest
+
+  def restore(self, ckpt_series: str) -> None:
+    live = self.get_experiment_state(ckpt_series)
+    for step in reversed(self._steps(ckpt_series)):
+      try:
+        nest = self._read(ckpt_series, step)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning(
+            "Checkpoint %s step %d in %s cannot be read (%s: %s); falling "
+            "back to the one before it.", ckpt_series, step,
+            self._series_dir(ckpt_series), type(e).__name__, e)
+        self._bad_steps.setdefault(ckpt_series, set()).add(step)
+        continue
+      self._apply(live, nest)
+      logging.info("Returned checkpoint %s with id %s.", ckpt_series, step)
+      return
+    logging.warning("No readable checkpoint in %s; starting fresh.",
+                    self._series_dir(ckpt_series))
+
+  def _apply(self, live, nest: Dict[str, Any]) -> None:
+    if "experiment_module" in live and "experiment_module" in nest:
+      check_snapshot_matches(live.experiment_module, nest["experiment_module"])
+    for key in list(live.keys()):
+      if key not in nest:
+        continue
+      value = nest[key]
+      if key == "experiment_module":
+        live.experiment_module.restore_from_snapshot(value)
+      elif key == "train_step_rng" and value is not None:
+        setattr(live, key, _per_device_keys(value))
+      else:
+        setattr(live, key, utils._with_live_type(live[key], value))  # pylint: disable=protected-access
+
+  def can_be_restored(self, ckpt_series: str) -> bool:
+    return bool(self._steps(ckpt_series))
+
+  def restore_path(self, ckpt_series: str) -> Optional[str]:
+    steps = self._steps(ckpt_series)
+    if not steps:
+      return None
+    return os.path.join(self._series_dir(ckpt_series), str(steps[-1]))
+
+  def wait_for_checkpointing_to_finish(self) -> None:
+    for manager in list(self._managers.values()):
+      manager.wait_until_finished()
+      manager.check_for_errors()
+
+  def close(self) -> None:
+    self.wait_for_checkpointing_to_finish()
+    for manager in self._managers.values():
+      manager.close()
+    self._managers.clear()
+
+
+def _prefix(skeleton: Any, prefix: str) -> Any:
+  """Namespaces array ids so that all entries share one flat array dict."""
+  if isinstance(skeleton, dict):
+    out = {k: _prefix(v, prefix) for k, v in skeleton.items()}
+    if "i" in skeleton and isinstance(skeleton["i"], str):
+      out["i"] = prefix + skeleton["i"]
+    return out
+  if isinstance(skeleton, list):
+    return [_prefix(v, prefix) for v in skeleton]
+  return skeleton
+
+
+def _per_device_keys(value: Any) -> Any:
+  """Saved per-device key state, on this process's devices.
+
+  On another device count, device 0's row is given to every device: exact
+  for the default `initialize_train_step_rng`, where all rows are equal.
+  """
+  if value.shape[0] == jax.local_device_count() and len(
+      value.sharding.device_set) == jax.local_device_count():
+    return value
+  return utils.bcast_local_devices(value[0])

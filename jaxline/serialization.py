@@ -1,0 +1,183 @@
+"""Pytrees to (JSON skeleton, flat arrays) and back, with no pickle.
+
+Orbax restores arrays without a target as plain numpy in plain dicts. Most
+jaxline experiments create parameters and optimizer state lazily, so there is
+no live target to copy types from. The skeleton records each container's type
+(dict, list, tuple, NamedTuple, dataclass, Mapping) and each leaf's kind, so a
+restore rebuilds optax's NamedTuple states and haiku's nested dicts exactly.
+
+Classes are only looked up in modules that are already imported: loading a
+checkpoint never imports or runs code named by the checkpoint. Objects that
+would need pickle are refused at save time unless pickle is allowed.
+"""
+
+import collections.abc
+import dataclasses
+import pickle
+import sys
+from typing import Any, Dict, List, Tuple
+
+import jax
+import numpy as np
+
+from jaxline import devices
+
+
+class UnsupportedValueError(TypeError):
+  """A value a checkpoint cannot hold without pickle."""
+
+
+def _class_name(cls: type) -> str:
+  return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _lookup_class(name: str) -> type:
+  module_name, qualname = name.split(":")
+  module = sys.modules.get(module_name)
+  if module is None:
+    raise ValueError(
+        f"The checkpoint holds a {qualname} from module {module_name!r}, "
+        "which is not imported. Import it before restoring; checkpoints "
+        "never import modules themselves.")
+  obj = module
+  for part in qualname.split("."):
+    obj = getattr(obj, part)
+  return obj
+
+
+def _encode_key(key: Any) -> List[Any]:
+  if isinstance(key, str):
+    return ["str", key]
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    return ["int", int(key)]
+  raise UnsupportedValueError(f"dict key {key!r} of type {type(key).__name__}")
+
+
+def _decode_key(encoded: List[Any]) -> Any:
+  kind, value = encoded
+  return value if kind == "str" else int(value)
+
+
+def _is_per_device(x: jax.Array) -> bool:
+  return (x.ndim >= 1 and len(x.sharding.device_set) > 1 and
+          not x.is_fully_replicated)
+
+
+def encode(tree: Any, *, allow_pickle: bool = False,
+           path: str = "") -> Tuple[Any, Dict[str, np.ndarray]]:
+  """Returns (skeleton, arrays): JSON-able structure and numpy leaves."""
+  arrays: Dict[str, np.ndarray] = {}
+
+  def add(value: np.ndarray) -> str:
+    name = str(len(arrays))
+    arrays[name] = value
+    return name
+
+  def enc(x: Any, where: str) -> Any:
+    if x is None:
+      return {"t": "none"}
+    if isinstance(x, (bool, int, float, str)):
+      return {"t": "py", "v": x}
+    if isinstance(x, jax.Array):
+      impl = None
+      if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        impl = str(jax.random.key_impl(x))
+        x = jax.random.key_data(x)
+      per_device = _is_per_device(x)
+      return {"t": "jax", "i": add(np.asarray(jax.device_get(x))),
+              "key": impl, "per_device": per_device}
+    if isinstance(x, np.ndarray):
+      return {"t": "np", "i": add(np.array(x))}
+    if isinstance(x, np.generic):
+      return {"t": "npscalar", "i": add(np.asarray(x))}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+      return {"t": "namedtuple", "cls": _class_name(type(x)),
+              "c": [enc(v, f"{where}.{f}") for f, v in zip(x._fields, x)]}
+    if isinstance(x, (list, tuple)):
+      return {"t": type(x).__name__,
+              "c": [enc(v, f"{where}[{i}]") for i, v in enumerate(x)]}
+    if isinstance(x, collections.abc.Mapping):
+      items = list(x.items())
+      return {"t": "dict", "cls": None if type(x) is dict else _class_name(
+                  type(x)),
+              "k": [_encode_key(k) for k, _ in items],
+              "c": [enc(v, f"{where}[{k!r}]") for k, v in items]}
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+      fields = [f.name for f in dataclasses.fields(x) if f.init]
+      return {"t": "dataclass", "cls": _class_name(type(x)), "f": fields,
+              "c": [enc(getattr(x, f), f"{where}.{f}") for f in fields]}
+    if allow_pickle:
+      return {"t": "pickle",
+              "i": add(np.frombuffer(pickle.dumps(x), dtype=np.uint8))}
+    raise UnsupportedValueError(
+        f"{where or 'value'} is a {type(x).__module__}.{type(x).__qualname__}"
+        ", which a checkpoint can only hold with pickle. Store arrays, "
+        "numbers, strings and containers of them (dict, list, tuple, "
+        "NamedTuple, dataclass), or set config.checkpoint_allow_pickle=True "
+        "if you trust every checkpoint you will load.")
+
+  return enc(tree, path), arrays
+
+
+def decode(skeleton: Any, arrays: Dict[str, np.ndarray], *,
+           allow_pickle: bool = False) -> Any:
+  """Rebuilds the pytree `encode` described, with `jax.Array`s on device."""
+
+  def dec(node: Any) -> Any:
+    kind = node["t"]
+    if kind == "none":
+      return None
+    if kind == "py":
+      return node["v"]
+    if kind == "np":
+      return np.asarray(arrays[node["i"]])
+    if kind == "npscalar":
+      return np.asarray(arrays[node["i"]])[()]
+    if kind == "jax":
+      value = np.asarray(arrays[node["i"]])
+      if (node.get("per_device") and value.ndim and
+          value.shape[0] == jax.local_device_count()):
+        array = jax.device_put(value, devices.per_device_sharding())
+      else:
+        array = jax.device_put(value)
+      if node.get("key"):
+        array = jax.random.wrap_key_data(array, impl=node["key"])
+      return array
+    if kind == "list":
+      return [dec(c) for c in node["c"]]
+    if kind == "tuple":
+      return tuple(dec(c) for c in node["c"])
+    if kind == "namedtuple":
+      return _lookup_class(node["cls"])(*(dec(c) for c in node["c"]))
+    if kind == "dict":
+      value = {_decode_key(k): dec(c) for k, c in zip(node["k"], node["c"])}
+      return _lookup_class(node["cls"])(value) if node["cls"] else value
+    if kind == "dataclass":
+      cls = _lookup_class(node["cls"])
+      return cls(**{f: dec(c) for f, c in zip(node["f"], node["c"])})
+    if kind == "pickle":
+      if not allow_pickle:
+        raise ValueError(
+            "This checkpoint holds a pickled object, and loading it would run "
+            "code from the checkpoint. Set config.checkpoint_allow_pickle="
+            "True only if you trust where the checkpoint came from.")
+      return pickle.loads(arrays[node["i"]].tobytes())
+    raise ValueError(f"Unknown node kind {kind!r} in checkpoint skeleton.")
+
+  return dec(skeleton)
+
+
+def describe(skeleton: Any) -> str:
+  """A short structure string for error messages: types, keys and shapes."""
+  kind = skeleton["t"]
+  if kind in ("py", "none"):
+    return type(skeleton.get("v")).__name__
+  if kind in ("jax", "np", "npscalar", "pickle"):
+    return "array"
+  if kind == "dict":
+    inner = ", ".join(f"{_decode_key(k)!r}: {describe(c)}"
+                      for k, c in zip(skeleton["k"], skeleton["c"]))
+    return "{" + inner + "}"
+  name = skeleton.get("cls", kind) or kind
+  name = name.split(":")[-1]
+  return f"{name}(" + ", ".join(describe(c) for c in skeleton["c"]) + ")"
