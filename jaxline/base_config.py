@@ -6,7 +6,6 @@ since (see ``OPTIONAL_KEYS``) are read with ``config.get(key, default)`` and
 are never required.
 """
 
-import difflib
 from typing import Any, Mapping, Optional
 
 from ml_collections import config_dict
@@ -17,9 +16,16 @@ OPTIONAL_KEYS: Mapping[str, Any] = {
     "checkpoint_dir": "",
     # Seconds the eval loop sleeps between polls for a new checkpoint.
     "eval_poll_interval_secs": 10.0,
+    # "pmap": per-device values with a leading device axis (0.0.8's style).
+    # "sharded": global jax.Arrays over jaxline.sharding.data_parallel_mesh().
+    "experiment_style": "pmap",
+    # Let disk checkpoints hold objects that need pickle (and load them).
+    "checkpoint_allow_pickle": False,
 }
 
 _INTERVAL_TYPES = ("secs", "steps")
+# An extra key this close to a known key is taken for a misspelling of it.
+_MAX_TYPO_EDITS = 2
 _RNG_MODES = ("unique_host_unique_device", "unique_host_same_device",
               "same_host_unique_device", "same_host_same_device")
 
@@ -114,7 +120,10 @@ def _check_values(config: Mapping[str, Any]) -> None:
     raise ValueError(f"config.training_steps={steps} is negative; use a "
                      "count of steps >= 0 (or None with a custom "
                      "should_run_step).")
-  actions = [("logging_interval_type", True),
+  # A `None` interval means that action is not created, so its type is free.
+  logging_created = (config["log_tensors_interval"] is not None or
+                     config["log_train_data_interval"] is not None)
+  actions = [("logging_interval_type", logging_created),
              ("checkpoint_interval_type", _checkpoint_action_created(config))]
   for key, created in actions:
     value = _effective(config, key)
@@ -124,22 +133,39 @@ def _check_values(config: Mapping[str, Any]) -> None:
           f"one of {list(_INTERVAL_TYPES)}.")
 
 
+def _edit_distance(a: str, b: str) -> int:
+  """Optimal string alignment distance: edits, with swaps of neighbours."""
+  prev2, prev = None, list(range(len(b) + 1))
+  for i in range(1, len(a) + 1):
+    row = [i] + [0] * len(b)
+    for j in range(1, len(b) + 1):
+      cost = a[i - 1] != b[j - 1]
+      row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + cost)
+      if (i > 1 and j > 1 and a[i - 1] == b[j - 2] and
+          a[i - 2] == b[j - 1]):
+        row[j] = min(row[j], prev2[j - 2] + 1)
+    prev2, prev = prev, row
+  return prev[-1]
+
+
 def _check_misspellings(base_cfg: Mapping[str, Any],
                         config: Mapping[str, Any]) -> None:
   """Rejects an extra top-level key that is a near-miss of a known key.
 
   A typo such as `traning_steps` would otherwise be ignored silently while the
-  default runs. Other extra keys stay allowed.
+  default runs. Other extra keys stay allowed: only keys within
+  `_MAX_TYPO_EDITS` edits count as typos, so that project keys such as
+  `num_training_steps` or `checkpoint_interval` pass.
   """
   known = list(base_cfg.keys()) + list(OPTIONAL_KEYS)
   for key in config.keys():
-    if key in known:
+    if key in known or not isinstance(key, str):
       continue
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
-    if close:
+    distance, close = min((_edit_distance(key, k), k) for k in known)
+    if distance <= _MAX_TYPO_EDITS:
       raise ValueError(
           f"Config key {key!r} is not a jaxline key; did you mean "
-          f"{close[0]!r}? Rename it (or, if it is your own key, give it a "
+          f"{close!r}? Rename it (or, if it is your own key, give it a "
           "name less like a jaxline key).")
 
 

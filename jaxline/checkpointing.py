@@ -21,6 +21,7 @@ import jax
 from ml_collections import config_dict
 import orbax.checkpoint as ocp
 
+from jaxline import experiment as experiment_lib
 from jaxline import serialization
 from jaxline import utils
 
@@ -283,7 +284,8 @@ class DiskCheckpointer(utils.Checkpointer):
       value = nest[key]
       if key == "experiment_module":
         live.experiment_module.restore_from_snapshot(value)
-      elif key == "train_step_rng" and value is not None:
+      elif (key == "train_step_rng" and value is not None and
+            not experiment_lib.is_sharded(live.get("experiment_module"))):
         setattr(live, key, _per_device_keys(value))
       else:
         setattr(live, key, utils._with_live_type(live[key], value))  # pylint: disable=protected-access

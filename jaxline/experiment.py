@@ -14,7 +14,17 @@ import jax
 import numpy as np
 
 from jaxline import rng as rng_lib
+from jaxline import sharding
 from jaxline import utils
+
+# Set on each experiment by the harness from `config.experiment_style`;
+# absent means the default pmap style.
+STYLE_ATTR = "_jaxline_experiment_style"
+
+
+def is_sharded(experiment: Any) -> bool:
+  """Whether `experiment` runs in the sharded (global-array) style."""
+  return getattr(experiment, STYLE_ATTR, "pmap") == "sharded"
 
 
 def _check_step_output(scalars: Any) -> None:
@@ -38,7 +48,12 @@ class AbstractExperiment(abc.ABC):
     """Subclasses must define it; calling this base body is optional."""
 
   def initialize_train_step_rng(self, rng: jax.Array) -> jax.Array:
-    """The per-device key state the step keys are split from."""
+    """The key state the step keys are split from.
+
+    Per-device in the pmap style; one replicated key in the sharded style.
+    """
+    if is_sharded(self):
+      return sharding.replicate(rng)
     return utils.bcast_local_devices(rng)
 
   @abc.abstractmethod
@@ -63,17 +78,13 @@ class AbstractExperiment(abc.ABC):
     the keys) and no transfer to the host; actions fetch only when they fire.
     """
     with utils.log_activity("training loop"):
-      host_ids = None
-      if utils.DistributedRNGMode(config.random_mode_train).unique_host:
-        host_ids = utils.bcast_local_devices(np.int32(jax.process_index()))
-      advance = rng_lib.make_step_key_fn(config.random_mode_train)
-      global_step_devices = utils.bcast_local_devices(
-          np.asarray(state.global_step - 1, dtype=_step_dtype()))
+      advance, global_step_devices = _step_counter(self, config,
+                                                   state.global_step)
       while self.should_run_step(state.global_step, config):
         with jax.profiler.StepTraceAnnotation(
             "train", step_num=state.global_step):
           global_step_devices, step_key, state.train_step_rng = advance(
-              global_step_devices, state.train_step_rng, host_ids)
+              global_step_devices, state.train_step_rng)
           scalar_outputs = self.step(
               global_step=global_step_devices, rng=step_key, writer=writer)
           _check_step_output(scalar_outputs)
@@ -85,8 +96,9 @@ class AbstractExperiment(abc.ABC):
   def snapshot_state(self) -> Dict[str, Any]:
     """What a checkpoint holds: checkpoint name -> value."""
     snapshot = {}
+    first = (lambda x: x) if is_sharded(self) else utils.get_first
     for attr, name in self.CHECKPOINT_ATTRS.items():
-      snapshot[name] = utils.get_first(getattr(self, attr))
+      snapshot[name] = first(getattr(self, attr))
     for attr, name in self.NON_BROADCAST_CHECKPOINT_ATTRS.items():
       snapshot[name] = getattr(self, attr)
     if not snapshot:
@@ -112,6 +124,8 @@ class AbstractExperiment(abc.ABC):
       for attr in attr_map:
         if attr in self.__dict__:
           delattr(self, attr)
+    if is_sharded(self):  # Arrays come back with their saved shardings.
+      maps = [(attr_map, False) for attr_map, _ in maps]
     for attr_map, broadcast in maps:
       for attr, name in attr_map.items():
         value = snapshot_state[name]
@@ -124,3 +138,20 @@ class AbstractExperiment(abc.ABC):
 
 def _step_dtype():
   return np.int64 if jax.config.jax_enable_x64 else np.int32
+
+
+def _step_counter(experiment: Any, config, global_step: int):
+  """The per-step device call and the step value before the first step.
+
+  Returns `(advance, step)` with `advance(step, state_rng) -> (step + 1,
+  step_key, new_state_rng)`, in the experiment's style.
+  """
+  first = np.asarray(global_step - 1, dtype=_step_dtype())
+  if is_sharded(experiment):
+    return rng_lib.make_sharded_step_key_fn(), sharding.replicate(first)
+  fn = rng_lib.make_step_key_fn(config.random_mode_train)
+  host_ids = None
+  if utils.DistributedRNGMode(config.random_mode_train).unique_host:
+    host_ids = utils.bcast_local_devices(np.int32(jax.process_index()))
+  return (lambda step, rng: fn(step, rng, host_ids),
+          utils.bcast_local_devices(first))

@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from jaxline import base_config
 from jaxline import checkpointing
+from jaxline import distributed
 from jaxline import preemption
 from jaxline import train
 from jaxline import utils
@@ -43,6 +44,14 @@ _ENSURE_TPU = flags.DEFINE_bool(
 _PRINT_CONFIG = flags.DEFINE_bool(
     "jaxline_print_config", False,
     "Print the fully resolved config (defaults filled in) and exit.")
+_COORDINATOR = flags.DEFINE_string(
+    "jaxline_coordinator_address", None,
+    "host:port of process 0, for multi-process runs (jax.distributed). "
+    "Without it, JAX's cluster auto-detection is used if a cluster is found.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "jaxline_num_processes", None, "Number of processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "jaxline_process_id", None, "This process's index, in [0, processes).")
 
 VALID_MODES = ("train", "eval", "eval_*", "train_eval_multithreaded")
 
@@ -176,6 +185,8 @@ def main(experiment_class: Callable[..., Any],
     raise ValueError(
         "--jaxline_tpu_driver is no longer supported: JAX removed the "
         "tpu_driver backend. Run on the TPU VM itself and drop the flag.")
+  distributed.initialize(FLAGS.jaxline_coordinator_address,
+                         FLAGS.jaxline_num_processes, FLAGS.jaxline_process_id)
   if FLAGS.jaxline_ensure_tpu:
     chex.assert_tpu_available()
   if writer_factory is None:

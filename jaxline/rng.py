@@ -95,6 +95,22 @@ def make_step_key_fn(mode: str) -> Callable[..., Any]:
   return _on_local_devices(advance)
 
 
+def make_sharded_step_key_fn() -> Callable[..., Any]:
+  """`advance(step, state_rng) -> (step+1, key, state_rng)`, all replicated.
+
+  The sharded style's rule: the step key is `split(state)[0]`, the same on
+  every device and host (no host or device folding); the next state is
+  `split(state)[1]`. Built through `jax.jit` at call time, without pmap.
+  """
+  from jaxline import sharding  # pylint: disable=g-import-not-at-top
+
+  def advance(step, state_rng):
+    key, new_state_rng = jax.random.split(state_rng)
+    return step + 1, key, new_state_rng
+
+  return jax.jit(advance, out_shardings=sharding.replicated())
+
+
 def eval_keys(config) -> jax.Array:
   """Per-device eval keys: the unsplit seed, specialised per host and device."""
   key = devices.bcast_local_devices(jax.random.PRNGKey(config.random_seed))

@@ -15,12 +15,13 @@ import collections.abc
 import dataclasses
 import pickle
 import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
 
 from jaxline import devices
+from jaxline import sharding
 
 
 class UnsupportedValueError(TypeError):
@@ -63,6 +64,25 @@ def _is_per_device(x: jax.Array) -> bool:
           not x.is_fully_replicated)
 
 
+def _mesh_spec(x: jax.Array) -> Optional[List[Any]]:
+  """The PartitionSpec of a sharded-style array (over the data mesh)."""
+  s = x.sharding
+  if (isinstance(s, jax.sharding.NamedSharding) and
+      s.mesh.axis_names == (sharding.DATA_AXIS,)):
+    return [list(p) if isinstance(p, tuple) else p for p in s.spec]
+  return None
+
+
+def _host_value(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  raise UnsupportedValueError(
+      f"an array of shape {x.shape} sharded across processes; disk "
+      "checkpoints hold replicated or process-local arrays only")
+
+
 def encode(tree: Any, *, allow_pickle: bool = False,
            path: str = "") -> Tuple[Any, Dict[str, np.ndarray]]:
   """Returns (skeleton, arrays): JSON-able structure and numpy leaves."""
@@ -83,9 +103,14 @@ def encode(tree: Any, *, allow_pickle: bool = False,
       if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
         impl = str(jax.random.key_impl(x))
         x = jax.random.key_data(x)
-      per_device = _is_per_device(x)
-      return {"t": "jax", "i": add(np.asarray(jax.device_get(x))),
-              "key": impl, "per_device": per_device}
+      spec = _mesh_spec(x)
+      per_device = spec is None and _is_per_device(x)
+      try:
+        value = _host_value(x)
+      except UnsupportedValueError as e:
+        raise UnsupportedValueError(f"{where or 'value'} is {e}.") from None
+      return {"t": "jax", "i": add(value), "key": impl,
+              "per_device": per_device, "spec": spec}
     if isinstance(x, np.ndarray):
       return {"t": "np", "i": add(np.array(x))}
     if isinstance(x, np.generic):
@@ -135,8 +160,13 @@ def decode(skeleton: Any, arrays: Dict[str, np.ndarray], *,
       return np.asarray(arrays[node["i"]])[()]
     if kind == "jax":
       value = np.asarray(arrays[node["i"]])
-      if (node.get("per_device") and value.ndim and
-          value.shape[0] == jax.local_device_count()):
+      if node.get("spec") is not None:
+        spec = jax.sharding.PartitionSpec(
+            *(tuple(p) if isinstance(p, list) else p for p in node["spec"]))
+        array = sharding.place(value, jax.sharding.NamedSharding(
+            sharding.data_parallel_mesh(), spec))
+      elif (node.get("per_device") and value.ndim and
+            value.shape[0] == jax.local_device_count()):
         array = jax.device_put(value, devices.per_device_sharding())
       else:
         array = jax.device_put(value)

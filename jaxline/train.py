@@ -19,8 +19,10 @@ from absl import logging
 import jax
 import numpy as np
 
+from jaxline import experiment as experiment_lib
 from jaxline import preemption
 from jaxline import rng as rng_lib
+from jaxline import sharding
 from jaxline import utils
 from jaxline import writers
 
@@ -128,7 +130,11 @@ def evaluate(experiment_class: Callable[..., Any],
   state.global_step = 0
   state.experiment_module = experiment
   state.train_step_rng = None
-  eval_rng = rng_lib.eval_keys(config)
+  sharded = experiment_lib.is_sharded(experiment)
+  if sharded:  # One replicated key, no device axis.
+    eval_rng = sharding.replicate(eval_key)
+  else:
+    eval_rng = rng_lib.eval_keys(config)
 
   prev_path = None
   initial_weights_done = False
@@ -159,8 +165,9 @@ def evaluate(experiment_class: Callable[..., Any],
       else:
         checkpointer.restore("latest")
 
-      global_step = utils.bcast_local_devices(
-          np.asarray(state.global_step, np.int32))
+      step_value = np.asarray(state.global_step, np.int32)
+      global_step = (sharding.replicate(step_value) if sharded else
+                     utils.bcast_local_devices(step_value))
       scalars = evaluate_fn(global_step=global_step, rng=eval_rng,
                             writer=writer)
       if writer is not None:
@@ -181,15 +188,27 @@ def evaluate(experiment_class: Callable[..., Any],
 
 
 def _build_experiment(experiment_class, mode: str, init_rng, config):
-  """Calls the constructor as 0.0.8 did: `init_rng` only if it is accepted."""
+  """Calls the constructor as 0.0.8 did: `init_rng` only if it is accepted.
+
+  Then marks the instance with `config.experiment_style`, which the base
+  class's loop, key and snapshot methods follow.
+  """
+  style = config.get("experiment_style", "pmap")
+  if style not in ("pmap", "sharded"):
+    raise ValueError(f"config.experiment_style={style!r}; use 'pmap' (the "
+                     "default) or 'sharded'.")
   kwargs = config.experiment_kwargs
   if "init_rng" in inspect.signature(experiment_class).parameters:
-    return experiment_class(mode, init_rng=init_rng, **kwargs)
-  logging.warning(
-      "%s does not take an init_rng argument; this is deprecated. Accept "
-      "init_rng in __init__ to get a reproducible initialisation key.",
-      getattr(experiment_class, "__name__", experiment_class))
-  return experiment_class(mode, **kwargs)
+    experiment = experiment_class(mode, init_rng=init_rng, **kwargs)
+  else:
+    logging.warning(
+        "%s does not take an init_rng argument; this is deprecated. Accept "
+        "init_rng in __init__ to get a reproducible initialisation key.",
+        getattr(experiment_class, "__name__", experiment_class))
+    experiment = experiment_class(mode, **kwargs)
+  if style != "pmap":
+    setattr(experiment, experiment_lib.STYLE_ATTR, style)
+  return experiment
 
 
 def _default_actions(config, checkpointer, writer, is_chief: bool,

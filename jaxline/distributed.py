@@ -1,0 +1,112 @@
+"""Starting several processes with `jax.distributed`.
+
+Explicit flags win; without them, JAX's own cluster detection (SLURM, Open
+MPI, Kubernetes, TPU pods) is used when such a cluster is present; otherwise
+the run is a single process, as before. Time-outs are short so that a dead or
+missing process fails the others with a clear error instead of a hang.
+"""
+
+import os
+import sys
+import threading
+import time
+from typing import Optional
+
+from absl import logging
+import jax
+
+# Seconds before peers notice a dead process, and before start-up gives up on
+# processes that never connect. JAX's defaults (100 s, 300 s) are longer.
+HEARTBEAT_TIMEOUT_SECS = 30
+INITIALIZATION_TIMEOUT_SECS = 60
+WATCHDOG_INTERVAL_SECS = 5.0
+EXIT_CODE_PEER_LOST = 3
+
+
+def _cluster_detected() -> bool:
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+  except ImportError:  # Moved: let JAX decide, failing loudly if it cannot.
+    return False
+  return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types)  # pylint: disable=protected-access
+
+
+def initialize(coordinator_address: Optional[str] = None,
+               num_processes: Optional[int] = None,
+               process_id: Optional[int] = None) -> bool:
+  """Joins the multi-process job if there is one; returns whether it did."""
+  explicit = [coordinator_address, num_processes, process_id]
+  if any(v is not None and v != "" for v in explicit):
+    missing = [name for name, v in zip(
+        ["--jaxline_coordinator_address", "--jaxline_num_processes",
+         "--jaxline_process_id"], explicit) if v is None or v == ""]
+    if missing:
+      raise ValueError(
+          f"Multi-process runs need all three flags; missing {missing}. "
+          "Example: --jaxline_coordinator_address=10.0.0.1:1234 "
+          "--jaxline_num_processes=2 --jaxline_process_id=0.")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f"--jaxline_process_id={process_id} must be in "
+                       f"[0, {num_processes}).")
+  elif not _cluster_detected():
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  logging.info("Initializing jax.distributed (coordinator=%s, processes=%s, "
+               "id=%s).", coordinator_address or "auto",
+               num_processes or "auto", process_id if process_id is not None
+               else "auto")
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address or None,
+      num_processes=num_processes,
+      process_id=process_id,
+      initialization_timeout=INITIALIZATION_TIMEOUT_SECS,
+      heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECS)
+  logging.info("Process %d of %d; %d local and %d global devices.",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  _start_watchdog()
+  return True
+
+
+def _fail(message: str, *args) -> None:
+  logging.error(message, *args)
+  logging.flush()
+  sys.stderr.flush()
+  os._exit(EXIT_CODE_PEER_LOST)  # pylint: disable=protected-access
+
+
+def _start_watchdog() -> None:
+  """Ends this process when a peer is gone, instead of hanging.
+
+  A process waiting in a collective for a dead peer never returns, and JAX
+  only notices at shutdown. This daemon thread asks the coordination service
+  which processes are alive and exits with a clear error when one is not (or
+  when the coordinator itself is unreachable), within about
+  HEARTBEAT_TIMEOUT_SECS + WATCHDOG_INTERVAL_SECS.
+  """
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  if client is None or not hasattr(client, "get_live_nodes"):
+    logging.warning("Cannot watch for dead processes on this JAX version.")
+    return
+  everyone = list(range(jax.process_count()))
+
+  def watch():
+    while True:
+      time.sleep(WATCHDOG_INTERVAL_SECS)
+      try:
+        live = set(client.get_live_nodes(everyone))
+      except Exception as e:  # pylint: disable=broad-except
+        _fail("Lost contact with the jax.distributed coordinator (process 0) "
+              "(%s). Exiting instead of waiting forever; restart the job.", e)
+        return
+      missing = sorted(set(everyone) - live)
+      if missing:
+        _fail("Process(es) %s of %d stopped responding (died or hung). "
+              "Exiting instead of waiting forever in a collective; restart "
+              "the job to resume from the last checkpoint.", missing,
+              len(everyone))
+        return
+
+  threading.Thread(target=watch, name="jaxline_watchdog", daemon=True).start()
