@@ -170,6 +170,8 @@ def evaluate(experiment_class: Callable[..., Any],
                      utils.bcast_local_devices(step_value))
       scalars = evaluate_fn(global_step=global_step, rng=eval_rng,
                             writer=writer)
+      logging.info("Evaluated step %d: %s", state.global_step,
+                   jax.tree.map(_as_python, jax.device_get(dict(scalars))))
       if writer is not None:
         writer.write_scalars(state.global_step, scalars)
       prev_path = path
@@ -260,6 +262,10 @@ def _log_outputs(step: int, scalar_values: Mapping[str, Any], *,
                  scalars, float(rate), eta)
   else:
     logging.info("global_step: %d, %s", step, scalars)
+
+
+def _as_python(x: Any) -> Any:
+  return x.tolist() if isinstance(x, np.ndarray) else x
 
 
 def _finish_actions(actions, *, raise_errors: bool) -> None:
