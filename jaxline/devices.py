@@ -52,7 +52,11 @@ def _bcast_leaf(x: Any, devices: Sequence[Any],
     return jax.make_array_from_single_device_arrays((n,) + x.shape, sharding,
                                                     shards)
   host = np.asarray(x)
-  return jax.device_put(np.broadcast_to(host, (n,) + host.shape), sharding)
+  # On CPU, device_put may alias or read the numpy buffer later (even
+  # with may_alias=False), so it gets a private copy: in-place changes to
+  # `x` afterwards (a reused batch buffer) must not reach the devices.
+  return jax.device_put(np.array(np.broadcast_to(host, (n,) + host.shape)),
+                        sharding)
 
 
 def bcast_local_devices(value: Any) -> Any:
@@ -63,15 +67,14 @@ def bcast_local_devices(value: Any) -> Any:
 
 
 def _first_leaf(x: Any) -> Any:
-  if isinstance(x, jax.Array) and not x.is_fully_replicated or (
-      isinstance(x, jax.Array) and len(x.sharding.device_set) > 1):
-    # Indexing a sharded array may gather it; the shard holding index 0
-    # already has the value.
-    def start(shard):
-      index = shard.index[0] if shard.index else slice(None)
-      return index.start or 0
-    shard = min(x.addressable_shards, key=start)
-    return shard.data[0]
+  if (isinstance(x, jax.Array) and x.ndim and
+      len(x.sharding.device_set) > 1):
+    # Indexing a sharded array may gather it; a shard that starts at index 0
+    # and spans every other axis already has the value of x[0].
+    for shard in x.addressable_shards:
+      if ((shard.index[0].start or 0) == 0 and
+          shard.data.shape[1:] == x.shape[1:]):
+        return shard.data[0]
   return x[0]
 
 
@@ -87,12 +90,29 @@ def maybe_device_get(x: Any) -> Any:
   return x
 
 
-def _plain(tree: Any) -> Any:
-  """ConfigDicts are not pytrees; turn them (and other Mappings) into dicts."""
-  if isinstance(tree, dict) or (hasattr(tree, "to_dict") and
-                                hasattr(tree, "items")):
-    return {k: _plain(v) for k, v in tree.items()}
-  return tree
+def _is_dict_like(tree: Any) -> bool:
+  """Dicts, ConfigDicts, and Mappings that JAX would take for a leaf."""
+  if isinstance(tree, dict):
+    return True
+  if hasattr(tree, "to_dict") and hasattr(tree, "items"):
+    return True
+  return isinstance(tree, Mapping) and jax.tree_util.all_leaves([tree])
+
+
+def _map_with_path(fn: Any, tree: Any, path: tuple[Any, ...] = ()) -> Any:
+  """Maps `fn(path, leaf)` over `tree`, rebuilding every container.
+
+  Dict-like containers become plain dicts walked here, not by `jax.tree`:
+  that sorts keys, and fails on keys of mixed types such as
+  `{"a.b": 1, 3: x}`, which snapshots may hold.
+  """
+  if _is_dict_like(tree):
+    return {k: _map_with_path(fn, v, path + (k,)) for k, v in tree.items()}
+  if type(tree) in (list, tuple):
+    return type(tree)(
+        _map_with_path(fn, v, path + (i,)) for i, v in enumerate(tree))
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: fn(path + (jax.tree_util.keystr(p),), x), tree)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +122,7 @@ class Placement:
   key_impl: Optional[Any] = None
 
 
-def freeze(tree: Any) -> tuple[Any, dict[str, Placement]]:
+def freeze(tree: Any) -> tuple[Any, dict[Any, Placement]]:
   """A deep host copy of `tree`, and where its `jax.Array` leaves lived.
 
   Containers are rebuilt, arrays become numpy copies, Python scalars and None
@@ -116,29 +136,36 @@ def freeze(tree: Any) -> tuple[Any, dict[str, Placement]]:
       if _is_key_array(x):
         impl = jax.random.key_impl(x)
         x = jax.random.key_data(x)
-      sharding = x.sharding if x.is_fully_addressable else None
-      placements[jax.tree_util.keystr(path)] = Placement(sharding, impl)
+      placements[path] = Placement(x.sharding, impl)
+      if not x.is_fully_addressable and x.is_fully_replicated:
+        return np.array(x.addressable_data(0))  # Multi-process, replicated.
       return np.array(jax.device_get(x))
     if isinstance(x, np.ndarray):
       return x.copy()
     return x
 
-  return jax.tree_util.tree_map_with_path(leaf, _plain(tree)), placements
+  return _map_with_path(leaf, tree), placements
 
 
-def thaw(tree: Any, placements: Mapping[str, Placement]) -> Any:
+def thaw(tree: Any, placements: Mapping[Any, Placement]) -> Any:
   """Inverse of `freeze`: arrays go back on their devices as `jax.Array`."""
 
   def leaf(path, x):
-    placement = placements.get(jax.tree_util.keystr(path))
+    placement = placements.get(path)
     if placement is None:
       return x.copy() if isinstance(x, np.ndarray) else x
     try:
-      array = jax.device_put(x, placement.sharding)
+      if not placement.sharding.is_fully_addressable:
+        host = np.array(x)
+        array = jax.make_array_from_callback(host.shape, placement.sharding,
+                                             lambda index: host[index])
+      else:
+        # A private copy: CPU device_put may alias the frozen numpy array.
+        array = jax.device_put(np.array(x), placement.sharding)
     except (ValueError, RuntimeError):  # Those devices are gone.
-      array = jax.device_put(x)
+      array = jax.device_put(np.array(x))
     if placement.key_impl is not None:
       array = jax.random.wrap_key_data(array, impl=placement.key_impl)
     return array
 
-  return jax.tree_util.tree_map_with_path(leaf, _plain(tree))
+  return _map_with_path(leaf, tree)

@@ -122,8 +122,11 @@ def log_activity(activity_name: str):
 def double_buffer(ds):
   """Transfers item i+1 to the devices while the caller works on item i."""
   sharding = None
-  transfer = make_async("double_buffer")(
-      lambda item: jax.device_put(item, sharding))
+  # numpy leaves are copied first: a CPU device_put may alias the buffer,
+  # and datasets often reuse theirs.
+  transfer = make_async("double_buffer")(lambda item: jax.device_put(
+      jax.tree.map(lambda x: np.array(x) if isinstance(x, np.ndarray) else x,
+                   item), sharding))
   pending = None
   for item in ds:
     if item is None:
@@ -174,7 +177,7 @@ def debugger_fallback(f: F) -> F:
     try:
       return f(*args, **kwargs)
     except Exception:
-      if flags.FLAGS.jaxline_post_mortem:
+      if flags.FLAGS["jaxline_post_mortem"].value:
         pdb.post_mortem(sys.exc_info()[2])
       raise
 
@@ -206,7 +209,7 @@ def disable_pmap_jit(fn: F) -> F:
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    if flags.FLAGS.jaxline_disable_pmap_jit:
+    if flags.FLAGS["jaxline_disable_pmap_jit"].value:
       with chex.fake_pmap_and_jit():
         return fn(*args, **kwargs)
     return fn(*args, **kwargs)
@@ -259,7 +262,7 @@ def _with_live_type(live: Any, value: Any) -> Any:
   if isinstance(live, float):
     return float(value)
   if isinstance(live, jax.Array) and not isinstance(value, jax.Array):
-    value = np.asarray(value)
+    value = np.array(value)  # A private copy: device_put may alias it.
     if value.shape == live.shape:
       return jax.device_put(value, live.sharding)
     return jax.device_put(value)
