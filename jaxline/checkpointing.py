@@ -229,7 +229,10 @@ class DiskCheckpointer(utils.Checkpointer):
     with self._lock:
       bad = self._bad_steps.setdefault(ckpt_series, set())
       if step in manager.all_steps():
-        if step not in bad:
+        # "latest" at a saved step holds the same state (e.g. the final save
+        # right after a periodic one). Other series ("best" re-evaluated
+        # with a better value) and unreadable checkpoints are replaced.
+        if ckpt_series == "latest" and step not in bad:
           logging.info("Checkpoint %s at step %d already saved.", ckpt_series,
                        step)
           return
