@@ -11,6 +11,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from absl import logging
 import jax
+from ml_collections import config_dict
 import numpy as np
 
 from jaxline import rng as rng_lib
@@ -80,18 +81,21 @@ class AbstractExperiment(abc.ABC):
     with utils.log_activity("training loop"):
       advance, global_step_devices = _step_counter(self, config,
                                                    state.global_step)
-      while self.should_run_step(state.global_step, config):
-        with jax.profiler.StepTraceAnnotation(
-            "train", step_num=state.global_step):
-          global_step_devices, step_key, state.train_step_rng = advance(
-              global_step_devices, state.train_step_rng)
+      get, put = _state_accessors(state)
+      while self.should_run_step(get("global_step"), config):
+        step = get("global_step")
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          global_step_devices, step_key, new_state_rng = advance(
+              global_step_devices, get("train_step_rng"))
+          put("train_step_rng", new_state_rng)
           scalar_outputs = self.step(
               global_step=global_step_devices, rng=step_key, writer=writer)
           _check_step_output(scalar_outputs)
           t = time.time()
-          state.global_step += 1
+          step += 1
+          put("global_step", step)
         for action in periodic_actions:
-          action(t, state.global_step, scalar_outputs)
+          action(t, step, scalar_outputs)
 
   def snapshot_state(self) -> Dict[str, Any]:
     """What a checkpoint holds: checkpoint name -> value."""
@@ -138,6 +142,19 @@ class AbstractExperiment(abc.ABC):
 
 def _step_dtype():
   return np.int64 if jax.config.jax_enable_x64 else np.int32
+
+
+def _state_accessors(state: Any):
+  """Fast field access for the loop's two per-step reads and writes.
+
+  `ConfigDict.__setattr__` calls `dir()` on every write (about 10 us);
+  item access does the same type-checked write without it. Duck-typed
+  states without items use attributes.
+  """
+  if isinstance(state, config_dict.ConfigDict):
+    return state.__getitem__, state.__setitem__
+  return (lambda name: getattr(state, name),
+          lambda name, value: setattr(state, name, value))
 
 
 def _step_counter(experiment: Any, config, global_step: int):

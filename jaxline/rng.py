@@ -5,6 +5,7 @@ per-step keys as the original, so published experiments reproduce.
 """
 
 import enum
+import functools
 from typing import Any, Callable, Optional, Tuple
 
 import jax
@@ -84,8 +85,17 @@ def make_step_key_fn(mode: str) -> Callable[..., Any]:
   """Returns `advance(step, state_rng, host_ids) -> (step+1, key, state_rng)`.
 
   One device computation per training step both counts the step and splits
-  the keys, so the loop adds a single small dispatch and no host sync.
+  the keys, so the loop adds a single small dispatch and no host sync. The
+  compiled function is reused across runs in a process; the cache key holds
+  the current `jax.jit`, so `chex.fake_pmap_and_jit` gets its own.
   """
+  return _cached_step_key_fn(mode, tuple(jax.local_devices()), jax.jit)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_step_key_fn(mode: str, local_devices: tuple[Any, ...],
+                        jit: Callable[..., Any]) -> Callable[..., Any]:
+  del local_devices, jit  # Cache keys only.
 
   def advance(step, state_rng, host_id):
     key, new_state_rng = jax.random.split(state_rng)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from absl import flags
 from absl import logging
 import jax
+from ml_collections import config_dict
 import numpy as np
 
 from jaxline import experiment as experiment_lib
@@ -52,7 +53,7 @@ def train(experiment_class: Callable[..., Any],
 
   state = checkpointer.get_experiment_state("latest")
   state.global_step = 0
-  state.experiment_module = experiment
+  _assign(state, "experiment_module", experiment)
   state.train_step_rng = experiment.initialize_train_step_rng(train_key)
 
   restored = checkpointer.can_be_restored("latest")
@@ -121,14 +122,14 @@ def evaluate(experiment_class: Callable[..., Any],
     best_state.best_eval_metric_value = (-math.inf if higher_is_better
                                          else math.inf)
     best_state.best_model_eval_metric = config.best_model_eval_metric
-    best_state.experiment_module = experiment
+    _assign(best_state, "experiment_module", experiment)
     if checkpointer.can_be_restored("best"):
       with utils.log_activity("best checkpoint restore"):
         checkpointer.restore("best")
 
   state = checkpointer.get_experiment_state("latest")
   state.global_step = 0
-  state.experiment_module = experiment
+  _assign(state, "experiment_module", experiment)
   state.train_step_rng = None
   sharded = experiment_lib.is_sharded(experiment)
   if sharded:  # One replicated key, no device axis.
@@ -187,6 +188,22 @@ def evaluate(experiment_class: Callable[..., Any],
   finally:
     checkpointer.wait_for_checkpointing_to_finish()
     writers.flush_writer(writer)
+
+
+def _assign(state, name: str, value: Any) -> None:
+  """Sets a live-state field even if it held another type before.
+
+  ConfigDict fields are type-safe, so a second experiment class run in the
+  same thread (in-memory state persists) would otherwise be rejected.
+  """
+  try:
+    setattr(state, name, value)
+  except TypeError:
+    if not isinstance(state, config_dict.ConfigDict):
+      raise
+    with state.unlocked():
+      del state[name]
+      state[name] = value
 
 
 def _build_experiment(experiment_class, mode: str, init_rng, config):

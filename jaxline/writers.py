@@ -42,7 +42,18 @@ def _to_uint8(key: str, value: Any) -> np.ndarray:
   if images.dtype != np.uint8:
     images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
     images = np.round(images * 255.0).astype(np.uint8)
+  else:
+    # Encoded later, in the writer thread: never keep a view of the caller's
+    # array, which it may overwrite in the meantime.
+    images = images.copy()
   return images
+
+
+def _own_scalar(value: Any) -> Any:
+  """Copies mutable numpy values, since they are read in the writer thread."""
+  if isinstance(value, np.ndarray):
+    return value.copy()
+  return value
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -113,7 +124,7 @@ class TensorBoardLogger:
             f"Scalar {key!r} has shape {np.shape(value)}; write_scalars takes "
             "scalars or size-1 arrays. Reduce it (e.g. with .mean()) first.")
     step = int(global_step)
-    items = dict(scalars)
+    items = {k: _own_scalar(v) for k, v in scalars.items()}
 
     def write():
       values = [summary_pb2.Summary.Value(tag=str(k), simple_value=float(

@@ -1,0 +1,345 @@
+"""Tests for `jaxline.writers.TensorBoardLogger` (contract §7).
+
+Everything is read back from the event files with TensorBoard's own
+`EventAccumulator`, and images are decoded with PIL.
+"""
+
+import io
+import os
+import threading
+
+import jax.numpy as jnp
+from ml_collections import config_dict
+import numpy as np
+from PIL import Image
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from jaxline import writers
+
+_ALL = {
+    event_accumulator.COMPRESSED_HISTOGRAMS: 0,
+    event_accumulator.IMAGES: 0,
+    event_accumulator.AUDIO: 0,
+    event_accumulator.SCALARS: 0,
+    event_accumulator.HISTOGRAMS: 0,
+    event_accumulator.TENSORS: 0,
+}
+
+
+def _config(checkpoint_dir):
+  config = config_dict.ConfigDict()
+  config.checkpoint_dir = str(checkpoint_dir)
+  return config
+
+
+@pytest.fixture
+def logger(tmp_path):
+  writer = writers.TensorBoardLogger(_config(tmp_path), "train")
+  yield writer
+  writer.close()
+
+
+def _read(directory):
+  accumulator = event_accumulator.EventAccumulator(str(directory),
+                                                   size_guidance=_ALL)
+  accumulator.Reload()
+  return accumulator
+
+
+def _scalars(accumulator, tag):
+  return [(e.step, e.value) for e in accumulator.Scalars(tag)]
+
+
+def _images(accumulator, tag):
+  """[(step, [decoded images as uint8 arrays])] for an image summary tag."""
+  out = []
+  if tag in accumulator.Tags()[event_accumulator.TENSORS]:
+    for event in accumulator.Tensors(tag):
+      strings = list(event.tensor_proto.string_val)
+      width, height = int(strings[0]), int(strings[1])
+      images = [np.asarray(Image.open(io.BytesIO(s))) for s in strings[2:]]
+      for image in images:
+        assert image.shape[:2] == (height, width)
+      out.append((event.step, images))
+  else:
+    for event in accumulator.Images(tag):
+      image = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)))
+      out.append((event.step, [image]))
+  return out
+
+
+def _event_files(directory):
+  return [f for f in os.listdir(directory) if "tfevents" in f]
+
+
+# --- Construction ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "eval_test_average"])
+def test_event_files_go_under_checkpoint_dir_mode(tmp_path, mode):
+  writer = writers.TensorBoardLogger(_config(tmp_path), mode)
+  writer.write_scalars(1, {"x": 1.0})
+  writer.close()
+  assert os.listdir(tmp_path) == [mode]
+  assert _event_files(tmp_path / mode)
+  assert _scalars(_read(tmp_path / mode), "x") == [(1, 1.0)]
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_missing_checkpoint_dir_raises_value_error_naming_key(value, tmp_path,
+                                                             monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = config_dict.ConfigDict()
+  if value is not None:
+    config.checkpoint_dir = value
+  with pytest.raises(ValueError, match="checkpoint_dir"):
+    writers.TensorBoardLogger(config, "train")
+  assert not list(tmp_path.iterdir())
+
+
+def test_creates_missing_directories(tmp_path):
+  root = tmp_path / "a" / "b"
+  writer = writers.TensorBoardLogger(_config(root), "eval")
+  writer.write_scalars(0, {"x": 2.0})
+  writer.close()
+  assert _scalars(_read(root / "eval"), "x") == [(0, 2.0)]
+
+
+# --- write_scalars -------------------------------------------------------------
+
+
+def test_scalars_of_every_kind(logger, tmp_path):
+  values = {
+      "py_float": 0.25,
+      "py_int": 3,
+      "py_bool": True,
+      "np_float32": np.float32(1.5),
+      "np_float64": np.float64(-2.5),
+      "np_int32": np.int32(7),
+      "np_0d": np.array(4.5),
+      "np_size1": np.array([5.5], np.float32),
+      "np_size1_2d": np.array([[6.5]]),
+      "jax_scalar": jnp.float32(7.5),
+      "jax_int": jnp.int32(9),
+      "jax_size1": jnp.ones([1, 1, 1]) * 8.5,
+  }
+  logger.write_scalars(np.int64(10), values)
+  logger.write_scalars(jnp.int32(20), {"py_float": 0.75})
+  logger.flush()
+  accumulator = _read(tmp_path / "train")
+  assert set(accumulator.Tags()[event_accumulator.SCALARS]) == set(values)
+  expected = {
+      "py_float": [(10, 0.25), (20, 0.75)],
+      "py_int": [(10, 3.0)],
+      "py_bool": [(10, 1.0)],
+      "np_float32": [(10, 1.5)],
+      "np_float64": [(10, -2.5)],
+      "np_int32": [(10, 7.0)],
+      "np_0d": [(10, 4.5)],
+      "np_size1": [(10, 5.5)],
+      "np_size1_2d": [(10, 6.5)],
+      "jax_scalar": [(10, 7.5)],
+      "jax_int": [(10, 9.0)],
+      "jax_size1": [(10, 8.5)],
+  }
+  for tag, points in expected.items():
+    assert _scalars(accumulator, tag) == points, tag
+  for event in accumulator.Scalars("py_float"):
+    assert isinstance(event.step, int)
+
+
+def test_scalar_tag_is_exactly_the_key(logger, tmp_path):
+  logger.write_scalars(1, {"eval/top_1 acc": 0.5, "a.b": 1.0})
+  logger.flush()
+  tags = _read(tmp_path / "train").Tags()[event_accumulator.SCALARS]
+  assert set(tags) == {"eval/top_1 acc", "a.b"}
+
+
+@pytest.mark.parametrize("bad", [
+    np.zeros([3]), np.zeros([2, 2]), jnp.zeros([4]), np.zeros([0])],
+                         ids=["np[3]", "np[2,2]", "jax[4]", "np[0]"])
+def test_non_scalar_raises_value_error_naming_key(logger, bad):
+  with pytest.raises(ValueError, match="my_vector"):
+    logger.write_scalars(1, {"fine": 1.0, "my_vector": bad})
+
+
+def _keep_writer_busy(writer):
+  """Queues slow work (PNG encoding of big images) on an async writer."""
+  noise = np.random.default_rng(0).random([3, 512, 512, 3]).astype(np.float32)
+  writer.write_images(0, {f"busy_{i}": noise for i in range(4)})
+
+
+def test_scalar_values_are_taken_at_call_time(logger, tmp_path):
+  """Writes may be async, but later mutation of the input must not leak."""
+  _keep_writer_busy(logger)
+  value = np.array([1.0])
+  scalars = {"x": value, "y": np.float32(2.0)}
+  logger.write_scalars(1, scalars)
+  value[0] = 99.0
+  scalars["y"] = 100.0
+  logger.flush()
+  accumulator = _read(tmp_path / "train")
+  assert _scalars(accumulator, "x") == [(1, 1.0)]
+  assert _scalars(accumulator, "y") == [(1, 2.0)]
+
+
+def test_image_values_are_taken_at_call_time(logger, tmp_path):
+  _keep_writer_busy(logger)
+  images = np.zeros([1, 4, 4, 3], np.uint8)
+  logger.write_images(1, {"img": images})
+  images[...] = 200
+  logger.flush()
+  ((_, (image,)),) = _images(_read(tmp_path / "train"), "img")
+  np.testing.assert_array_equal(image, np.zeros([4, 4, 3], np.uint8))
+
+
+# --- write_images ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_uint8_images_round_trip(logger, tmp_path, channels):
+  rng = np.random.default_rng(channels)
+  images = rng.integers(0, 256, size=[2, 5, 7, channels], dtype=np.uint8)
+  logger.write_images(4, {"pics": images})
+  logger.flush()
+  ((step, decoded),) = _images(_read(tmp_path / "train"), "pics")
+  assert step == 4
+  assert len(decoded) == 2
+  for got, want in zip(decoded, images):
+    if channels == 1:
+      want = want[..., 0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_float_images_are_scaled_to_uint8(logger, tmp_path):
+  levels = np.arange(256, dtype=np.float32).reshape(1, 16, 16, 1) / 255.0
+  rgb = np.concatenate([levels, levels[:, ::-1], np.ones_like(levels)], -1)
+  logger.write_images(1, {"gray": levels, "rgb": jnp.asarray(rgb)})
+  logger.flush()
+  accumulator = _read(tmp_path / "train")
+  ((_, (gray,)),) = _images(accumulator, "gray")
+  ((_, (color,)),) = _images(accumulator, "rgb")
+  expected = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  np.testing.assert_array_equal(gray, expected)
+  np.testing.assert_array_equal(color[..., 0], expected)
+  np.testing.assert_array_equal(color[..., 1], expected[::-1])
+  np.testing.assert_array_equal(color[..., 2], np.full([16, 16], 255))
+
+
+def test_two_dimensional_image_is_one_grayscale_image(logger, tmp_path):
+  image = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+  logger.write_images(2, {"hw": image})
+  logger.flush()
+  ((step, decoded),) = _images(_read(tmp_path / "train"), "hw")
+  assert step == 2
+  assert len(decoded) == 1
+  np.testing.assert_array_equal(decoded[0], image)
+
+
+def test_at_most_three_images_are_kept(logger, tmp_path):
+  images = np.stack([np.full([2, 3, 3], 10 * (i + 1), np.uint8)
+                     for i in range(5)])
+  logger.write_images(1, {"batch": images})
+  logger.flush()
+  ((_, decoded),) = _images(_read(tmp_path / "train"), "batch")
+  assert len(decoded) == 3
+  for i, image in enumerate(decoded):
+    np.testing.assert_array_equal(image, images[i])
+
+
+def test_several_image_keys_and_steps(logger, tmp_path):
+  a = np.zeros([1, 2, 2, 3], np.uint8)
+  b = np.full([1, 2, 2, 3], 255, np.uint8)
+  logger.write_images(1, {"a": a, "b": b})
+  logger.write_images(2, {"a": b})
+  logger.flush()
+  accumulator = _read(tmp_path / "train")
+  got_a = _images(accumulator, "a")
+  assert [s for s, _ in got_a] == [1, 2]
+  np.testing.assert_array_equal(got_a[0][1][0], a[0])
+  np.testing.assert_array_equal(got_a[1][1][0], b[0])
+  assert [s for s, _ in _images(accumulator, "b")] == [1]
+
+
+@pytest.mark.parametrize("shape", [[2, 4, 4, 2], [2, 4, 4, 5], [4], [2, 4, 4]])
+def test_bad_image_shapes_raise_value_error(logger, shape):
+  with pytest.raises(ValueError, match="bad_image"):
+    logger.write_images(1, {"bad_image": np.zeros(shape, np.uint8)})
+
+
+# --- Threads, flush and close ------------------------------------------------
+
+
+def test_concurrent_writes_from_several_threads(logger, tmp_path):
+  num_threads, per_thread = 8, 40
+  barrier = threading.Barrier(num_threads)
+  errors = []
+
+  def work(t):
+    try:
+      barrier.wait()
+      for i in range(per_thread):
+        logger.write_scalars(i, {f"thread_{t}": float(t * 1000 + i),
+                                 "shared": float(i)})
+        if i % 10 == 0:
+          logger.write_images(i, {f"img_{t}": np.full([1, 2, 2, 1], t,
+                                                      np.uint8)})
+    except BaseException as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=work, args=(t,))
+             for t in range(num_threads)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not errors
+  logger.flush()
+  accumulator = _read(tmp_path / "train")
+  for t in range(num_threads):
+    assert _scalars(accumulator, f"thread_{t}") == [
+        (i, float(t * 1000 + i)) for i in range(per_thread)]
+    images = _images(accumulator, f"img_{t}")
+    assert [s for s, _ in images] == [0, 10, 20, 30]
+    assert all((imgs[0] == t).all() for _, imgs in images)
+  shared = _scalars(accumulator, "shared")
+  assert len(shared) == num_threads * per_thread
+  assert sorted(shared) == sorted(
+      (i, float(i)) for i in range(per_thread) for _ in range(num_threads))
+
+
+def test_flush_makes_writes_readable_before_close(tmp_path):
+  writer = writers.TensorBoardLogger(_config(tmp_path), "train")
+  try:
+    for step in range(50):
+      writer.write_scalars(step, {"loss": float(step) / 2})
+    writer.flush()
+    assert _scalars(_read(tmp_path / "train"), "loss") == [
+        (s, s / 2) for s in range(50)]
+    writer.write_scalars(50, {"loss": 25.0})
+    writer.flush()
+    assert len(_scalars(_read(tmp_path / "train"), "loss")) == 51
+  finally:
+    writer.close()
+
+
+def test_close_writes_everything(tmp_path):
+  writer = writers.TensorBoardLogger(_config(tmp_path), "train")
+  for step in range(20):
+    writer.write_scalars(step, {"loss": float(step)})
+  writer.write_images(19, {"img": np.zeros([4, 4], np.uint8)})
+  writer.close()
+  accumulator = _read(tmp_path / "train")
+  assert [s for s, _ in _scalars(accumulator, "loss")] == list(range(20))
+  assert [s for s, _ in _images(accumulator, "img")] == [19]
+
+
+def test_null_writer_writes_nothing(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  writer = writers.NullWriter()
+  writer.write_scalars(1, {"x": 1.0})
+  writer.write_images(1, {"y": np.zeros([2, 2], np.uint8)})
+  writer.flush()
+  writer.close()
+  assert not list(tmp_path.iterdir())
