@@ -14,6 +14,7 @@ the one before it.
 import os
 import tempfile
 import threading
+import weakref
 from typing import Any, Dict, Optional, Set
 
 from absl import logging
@@ -26,6 +27,13 @@ from jaxline import serialization
 from jaxline import utils
 
 FORMAT_VERSION = 1
+
+# Orbax keeps one process-wide "current operation" for async saves, so two
+# saves in flight at once (the train thread's "latest" and the eval thread's
+# "best" in train_eval_multithreaded) corrupt each other. Every save in the
+# process therefore waits for all others to finish, under this lock.
+_SAVE_LOCK = threading.Lock()
+_LIVE_CHECKPOINTERS = weakref.WeakSet()
 
 
 class _QuietOrbax(logging.logging.Filter):
@@ -122,11 +130,13 @@ class DiskCheckpointer(utils.Checkpointer):
     self._bad_steps: Dict[str, Set[int]] = {}
     self._lock = threading.RLock()
     self._fixed_latest: Optional[tuple[str, int]] = None
+    self._reported_step: Dict[str, int] = {}
     self._latest_dir: Optional[str] = None
     eval_dir = config.get("eval_specific_checkpoint_dir", "")
     if mode != "train" and eval_dir:
       self._resolve_eval_dir(eval_dir)
     _ensure_writable(self._root)
+    _LIVE_CHECKPOINTERS.add(self)
     if not config.get("checkpoint_verbose_logs", False):
       quiet_orbax_info_logs()
 
@@ -226,7 +236,9 @@ class DiskCheckpointer(utils.Checkpointer):
     step = int(state.global_step)
     meta, arrays = self._encode(state, ckpt_series)
     manager = self._manager(ckpt_series, create=True)
-    with self._lock:
+    with _SAVE_LOCK, self._lock:
+      for checkpointer in list(_LIVE_CHECKPOINTERS):
+        checkpointer._wait_for_saves()  # pylint: disable=protected-access
       bad = self._bad_steps.setdefault(ckpt_series, set())
       if step in manager.all_steps():
         # "latest" at a saved step holds the same state (e.g. the final save
@@ -262,7 +274,13 @@ class DiskCheckpointer(utils.Checkpointer):
 
   def restore(self, ckpt_series: str) -> None:
     live = self.get_experiment_state(ckpt_series)
-    for step in reversed(self._steps(ckpt_series)):
+    steps = self._steps(ckpt_series)
+    # The eval loop asks restore_path first and records that path as
+    # evaluated: restore that step, not one committed since.
+    reported = self._reported_step.pop(ckpt_series, None)
+    if reported is not None:
+      steps = [s for s in steps if s <= reported]
+    for step in reversed(steps):
       try:
         nest = self._read(ckpt_series, step)
       except Exception as e:  # pylint: disable=broad-except
@@ -300,7 +318,13 @@ class DiskCheckpointer(utils.Checkpointer):
     steps = self._steps(ckpt_series)
     if not steps:
       return None
+    if self._follow:
+      self._reported_step[ckpt_series] = steps[-1]
     return os.path.join(self._series_dir(ckpt_series), str(steps[-1]))
+
+  def _wait_for_saves(self) -> None:
+    for manager in list(self._managers.values()):
+      manager.wait_until_finished()
 
   def wait_for_checkpointing_to_finish(self) -> None:
     for manager in list(self._managers.values()):
