@@ -14,12 +14,14 @@ the one before it.
 import os
 import tempfile
 import threading
+import time
 import weakref
 from typing import Any, Dict, Optional, Set
 
 from absl import logging
 import jax
 from ml_collections import config_dict
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxline import experiment as experiment_lib
@@ -33,6 +35,7 @@ FORMAT_VERSION = 1
 # "best" in train_eval_multithreaded) corrupt each other. Every save in the
 # process therefore waits for all others to finish, under this lock.
 _SAVE_LOCK = threading.Lock()
+_PLACEHOLDER = "_no_arrays"
 _LIVE_CHECKPOINTERS = weakref.WeakSet()
 
 
@@ -84,8 +87,13 @@ def _structure(value: Any) -> str:
 
 
 def check_snapshot_matches(experiment: Any, saved: Dict[str, Any]) -> None:
-  """Raises ValueError if `saved` does not fit `experiment`'s attributes."""
+  """Raises ValueError if `saved` does not fit `experiment`'s attributes.
+
+  Structures are compared for CHECKPOINT_ATTRS only: non-broadcast values
+  (host lists that grow, counters) legitimately change shape over training.
+  """
   live = experiment.snapshot_state()
+  compared = set(experiment.CHECKPOINT_ATTRS.values())
   attrs = _entry_attributes(experiment)
   describe = lambda name: f"{name!r} (attribute {attrs.get(name, '?')})"
   missing = sorted(set(live) - set(saved), key=str)
@@ -99,8 +107,8 @@ def check_snapshot_matches(experiment: Any, saved: Dict[str, Any]) -> None:
         f"{sorted(map(str, live))}.")
   for name, live_value in live.items():
     saved_value = saved[name]
-    if live_value is None or saved_value is None:
-      continue  # Lazily created state: nothing to compare yet.
+    if name not in compared or live_value is None or saved_value is None:
+      continue  # Host state, or lazily created state not there yet.
     if (jax.tree.structure(live_value) != jax.tree.structure(saved_value) or
         [getattr(x, "shape", ()) for x in jax.tree.leaves(live_value)] !=
         [getattr(x, "shape", ()) for x in jax.tree.leaves(saved_value)]):
@@ -155,20 +163,30 @@ class DiskCheckpointer(utils.Checkpointer):
                        "exist; point it at a checkpoint step directory, a "
                        "series directory or a checkpoint_dir.")
 
-  def _series_dir(self, series: str) -> str:
+  def _series_dir(self, series: str, *, write: bool = False) -> str:
+    """Where a series is read from, or written by this process.
+
+    Processes other than the chief only save with
+    `train_checkpoint_all_hosts`; they write under `process_<i>/` so that
+    their Orbax commits never collide with the chief's, and every process
+    restores the chief's checkpoints, hence the same step.
+    """
     if series == "latest" and self._fixed_latest:
       return self._fixed_latest[0]
     if series == "latest" and self._latest_dir:
       return self._latest_dir
+    if write and jax.process_index() != 0:
+      return os.path.join(self._root, f"process_{jax.process_index()}",
+                          series)
     return os.path.join(self._root, series)
 
-  def _manager(self, series: str, *,
-               create: bool) -> Optional[ocp.CheckpointManager]:
+  def _manager(self, series: str, *, create: bool,
+               write: bool = False) -> Optional[ocp.CheckpointManager]:
+    directory = self._series_dir(series, write=write)
     with self._lock:
-      manager = self._managers.get(series)
+      manager = self._managers.get(directory)
       if manager is not None:
         return manager
-      directory = self._series_dir(series)
       if create:
         os.makedirs(directory, exist_ok=True)
       elif not os.path.isdir(directory):
@@ -183,7 +201,7 @@ class DiskCheckpointer(utils.Checkpointer):
               primary_host=me, active_processes={me}))
       manager = ocp.CheckpointManager(directory, options=options,
                                       item_names=("arrays", "meta"))
-      self._managers[series] = manager
+      self._managers[directory] = manager
       return manager
 
   def _steps(self, series: str) -> list[int]:
@@ -193,7 +211,14 @@ class DiskCheckpointer(utils.Checkpointer):
     if manager is None:
       return []
     if self._follow:
-      manager.reload()
+      for attempt in range(3):
+        try:
+          manager.reload()
+          break
+        except OSError:  # A step deleted by the writer while listing.
+          if attempt == 2:
+            raise
+          time.sleep(0.1)
     bad = self._bad_steps.get(series, set())
     return sorted(s for s in manager.all_steps() if s not in bad)
 
@@ -235,7 +260,7 @@ class DiskCheckpointer(utils.Checkpointer):
     state = self._states[ckpt_series]  # KeyError: a series never created.
     step = int(state.global_step)
     meta, arrays = self._encode(state, ckpt_series)
-    manager = self._manager(ckpt_series, create=True)
+    manager = self._manager(ckpt_series, create=True, write=True)
     with _SAVE_LOCK, self._lock:
       for checkpointer in list(_LIVE_CHECKPOINTERS):
         checkpointer._wait_for_saves()  # pylint: disable=protected-access
@@ -251,6 +276,8 @@ class DiskCheckpointer(utils.Checkpointer):
         manager.wait_until_finished()
         manager.delete(step)
         bad.discard(step)
+      if not arrays:  # Orbax refuses an empty item.
+        arrays = {_PLACEHOLDER: np.zeros([1], np.uint8)}
       manager.save(step, args=ocp.args.Composite(
           arrays=ocp.args.StandardSave(arrays),
           meta=ocp.args.JsonSave(meta)))
@@ -283,6 +310,8 @@ class DiskCheckpointer(utils.Checkpointer):
     for step in reversed(steps):
       try:
         nest = self._read(ckpt_series, step)
+      except serialization.RestoreRefusedError:
+        raise  # Not damage: falling back would silently lose this run.
       except Exception as e:  # pylint: disable=broad-except
         logging.warning(
             "Checkpoint %s step %d in %s cannot be read (%s: %s); falling "

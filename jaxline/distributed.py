@@ -18,7 +18,7 @@ import jax
 # Seconds before peers notice a dead process, and before start-up gives up on
 # processes that never connect. JAX's defaults (100 s, 300 s) are longer.
 HEARTBEAT_TIMEOUT_SECS = 30
-INITIALIZATION_TIMEOUT_SECS = 60
+INITIALIZATION_TIMEOUT_SECS = 50  # JAX adds ~5 s; the whole stays < 60 s.
 WATCHDOG_INTERVAL_SECS = 5.0
 EXIT_CODE_PEER_LOST = 3
 
@@ -28,7 +28,10 @@ def _cluster_detected() -> bool:
     from jax._src import clusters  # pylint: disable=g-import-not-at-top
   except ImportError:  # Moved: let JAX decide, failing loudly if it cannot.
     return False
-  return any(env.is_env_present() for env in clusters.ClusterEnv._cluster_types)  # pylint: disable=protected-access
+  # Opt-in detectors (mpi4py) report True whenever their module imports.
+  return any(env.is_env_present()
+             for env in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+             if not getattr(env, "opt_in_only_method", None))
 
 
 def initialize(coordinator_address: Optional[str] = None,
@@ -52,10 +55,11 @@ def initialize(coordinator_address: Optional[str] = None,
     return False
   if jax.distributed.is_initialized():
     return True
-  logging.info("Initializing jax.distributed (coordinator=%s, processes=%s, "
-               "id=%s).", coordinator_address or "auto",
-               num_processes or "auto", process_id if process_id is not None
-               else "auto")
+  logging.info("Initializing jax.distributed: waiting up to %d s for %s "
+               "processes to connect to %s (this is process %s).",
+               INITIALIZATION_TIMEOUT_SECS, num_processes or "all",
+               coordinator_address or "the auto-detected coordinator",
+               process_id if process_id is not None else "auto")
   jax.distributed.initialize(
       coordinator_address=coordinator_address or None,
       num_processes=num_processes,
@@ -67,6 +71,22 @@ def initialize(coordinator_address: Optional[str] = None,
                jax.local_device_count(), jax.device_count())
   _start_watchdog()
   return True
+
+
+def exit_on_error_if_multiprocess(error: BaseException) -> None:
+  """Ends this process at once when it fails in a multi-process job.
+
+  Raising normally would reach `jax.distributed.shutdown()`, which waits for
+  peers that are themselves waiting for this process inside a collective:
+  the whole job would hang. Exiting lets their watchdogs stop them.
+  """
+  if not jax.distributed.is_initialized() or jax.process_count() <= 1:
+    return
+  logging.exception("Process %d failed; exiting so the other processes stop "
+                    "too: %s", jax.process_index(), error)
+  logging.flush()
+  sys.stderr.flush()
+  os._exit(1)  # pylint: disable=protected-access
 
 
 def _fail(message: str, *args) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from absl import flags
 from absl import logging
 import chex
+import jax
 from ml_collections import config_flags
 
 from jaxline import base_config
@@ -73,6 +74,8 @@ def create_writer(config, mode: str) -> Any:
     logging.warning("config.checkpoint_dir is not set, so no TensorBoard logs "
                     "will be written. Set it to keep them.")
     return writers.NullWriter()
+  if jax.process_index() != 0 and not config.log_all_hosts:
+    return writers.NullWriter()  # The chief writes the logs.
   return TensorBoardLogger(config, mode)
 
 
@@ -163,13 +166,25 @@ def _train_eval_multithreaded(experiment_class, config, checkpointer_factory,
     raise train_errors[0]
 
 
-@utils.debugger_fallback
 def main(experiment_class: Callable[..., Any],
          argv: Any,
          checkpointer_factory: Callable[..., utils.Checkpointer] = (
              create_checkpointer),
          writer_factory: Optional[Callable[..., Any]] = None) -> None:
   """Runs `experiment_class` in the mode given by --jaxline_mode."""
+  try:
+    _main(experiment_class, argv, checkpointer_factory, writer_factory)
+  except Exception as e:  # pylint: disable=broad-except
+    distributed.exit_on_error_if_multiprocess(e)
+    raise
+
+
+@utils.debugger_fallback
+def _main(experiment_class: Callable[..., Any],
+         argv: Any,
+         checkpointer_factory: Callable[..., utils.Checkpointer] = (
+             create_checkpointer),
+         writer_factory: Optional[Callable[..., Any]] = None) -> None:
   del argv
   if not FLAGS.is_parsed():
     FLAGS(sys.argv)

@@ -28,6 +28,23 @@ class UnsupportedValueError(TypeError):
   """A value a checkpoint cannot hold without pickle."""
 
 
+class RestoreRefusedError(ValueError):
+  """Loading would run code (pickle) or name a class we may not use.
+
+  Unlike a damaged file, this is not a reason to fall back to an older
+  checkpoint: the fix is in the config or the imports.
+  """
+
+
+def _is_allowed_class(obj: Any) -> bool:
+  """Only container classes are rebuilt: never arbitrary callables."""
+  if not isinstance(obj, type):
+    return False
+  return ((issubclass(obj, tuple) and hasattr(obj, "_fields")) or
+          dataclasses.is_dataclass(obj) or
+          issubclass(obj, collections.abc.Mapping))
+
+
 def _class_name(cls: type) -> str:
   return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -36,14 +53,33 @@ def _lookup_class(name: str) -> type:
   module_name, qualname = name.split(":")
   module = sys.modules.get(module_name)
   if module is None:
-    raise ValueError(
+    raise RestoreRefusedError(
         f"The checkpoint holds a {qualname} from module {module_name!r}, "
         "which is not imported. Import it before restoring; checkpoints "
         "never import modules themselves.")
   obj = module
   for part in qualname.split("."):
-    obj = getattr(obj, part)
+    obj = getattr(obj, part, None)
+  if not _is_allowed_class(obj):
+    raise RestoreRefusedError(
+        f"The checkpoint names {name!r}, which is not a NamedTuple, "
+        "dataclass or Mapping class; refusing to call it.")
   return obj
+
+
+def _checked_class_name(cls: type, where: str) -> str:
+  """The class's import name, if a restore will find this very class."""
+  name = _class_name(cls)
+  try:
+    found = _lookup_class(name)
+  except (RestoreRefusedError, ValueError):
+    found = None
+  if found is not cls:
+    raise UnsupportedValueError(
+        f"{where or 'value'} is a {cls.__qualname__}, which a restore could "
+        f"not find again as {name!r} (defined inside a function?). Define "
+        "it at module level.")
+  return name
 
 
 def _encode_key(key: Any) -> List[Any]:
@@ -93,9 +129,25 @@ def encode(tree: Any, *, allow_pickle: bool = False,
     arrays[name] = value
     return name
 
+  def array_node(kind: str, value: np.ndarray, where: str) -> Any:
+    # Object, string and structured arrays; ml_dtypes (bfloat16...) are fine.
+    if value.dtype.kind in "OSU" or value.dtype.type is np.void:
+      if allow_pickle:
+        return {"t": "pickle",
+                "i": add(np.frombuffer(pickle.dumps(value), dtype=np.uint8))}
+      raise UnsupportedValueError(
+          f"{where or 'value'} is an array of dtype {value.dtype}, which a "
+          "checkpoint can only hold with pickle; use numeric arrays, or set "
+          "config.checkpoint_allow_pickle=True.")
+    if value.size == 0:  # Orbax refuses empty arrays: keep shape and dtype.
+      return {"t": kind, "empty": [list(value.shape), value.dtype.name]}
+    return {"t": kind, "i": add(value)}
+
   def enc(x: Any, where: str) -> Any:
     if x is None:
       return {"t": "none"}
+    if isinstance(x, np.generic):  # Before float: np.float64 is a float.
+      return array_node("npscalar", np.asarray(x), where)
     if isinstance(x, (bool, int, float, str)):
       return {"t": "py", "v": x}
     if isinstance(x, jax.Array):
@@ -109,27 +161,27 @@ def encode(tree: Any, *, allow_pickle: bool = False,
         value = _host_value(x)
       except UnsupportedValueError as e:
         raise UnsupportedValueError(f"{where or 'value'} is {e}.") from None
-      return {"t": "jax", "i": add(value), "key": impl,
-              "per_device": per_device, "spec": spec}
+      node = array_node("jax", value, where)
+      node.update(key=impl, per_device=per_device, spec=spec)
+      return node
     if isinstance(x, np.ndarray):
-      return {"t": "np", "i": add(np.array(x))}
-    if isinstance(x, np.generic):
-      return {"t": "npscalar", "i": add(np.asarray(x))}
+      return array_node("np", np.array(x), where)
     if isinstance(x, tuple) and hasattr(x, "_fields"):
-      return {"t": "namedtuple", "cls": _class_name(type(x)),
+      return {"t": "namedtuple", "cls": _checked_class_name(type(x), where),
               "c": [enc(v, f"{where}.{f}") for f, v in zip(x._fields, x)]}
     if isinstance(x, (list, tuple)):
       return {"t": type(x).__name__,
               "c": [enc(v, f"{where}[{i}]") for i, v in enumerate(x)]}
     if isinstance(x, collections.abc.Mapping):
       items = list(x.items())
-      return {"t": "dict", "cls": None if type(x) is dict else _class_name(
-                  type(x)),
+      return {"t": "dict", "cls": None if type(x) is dict else
+                  _checked_class_name(type(x), where),
               "k": [_encode_key(k) for k, _ in items],
               "c": [enc(v, f"{where}[{k!r}]") for k, v in items]}
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
       fields = [f.name for f in dataclasses.fields(x) if f.init]
-      return {"t": "dataclass", "cls": _class_name(type(x)), "f": fields,
+      return {"t": "dataclass", "cls": _checked_class_name(type(x), where),
+              "f": fields,
               "c": [enc(getattr(x, f), f"{where}.{f}") for f in fields]}
     if allow_pickle:
       return {"t": "pickle",
@@ -148,6 +200,12 @@ def decode(skeleton: Any, arrays: Dict[str, np.ndarray], *,
            allow_pickle: bool = False) -> Any:
   """Rebuilds the pytree `encode` described, with `jax.Array`s on device."""
 
+  def values(node: Any) -> np.ndarray:
+    if "empty" in node:
+      shape, dtype = node["empty"]
+      return np.zeros(shape, dtype=jax.numpy.dtype(dtype))
+    return np.asarray(arrays[node["i"]])
+
   def dec(node: Any) -> Any:
     kind = node["t"]
     if kind == "none":
@@ -155,11 +213,11 @@ def decode(skeleton: Any, arrays: Dict[str, np.ndarray], *,
     if kind == "py":
       return node["v"]
     if kind == "np":
-      return np.asarray(arrays[node["i"]])
+      return values(node)
     if kind == "npscalar":
-      return np.asarray(arrays[node["i"]])[()]
+      return values(node)[()]
     if kind == "jax":
-      value = np.asarray(arrays[node["i"]])
+      value = values(node)
       if node.get("spec") is not None:
         spec = jax.sharding.PartitionSpec(
             *(tuple(p) if isinstance(p, list) else p for p in node["spec"]))
@@ -187,7 +245,7 @@ def decode(skeleton: Any, arrays: Dict[str, np.ndarray], *,
       return cls(**{f: dec(c) for f, c in zip(node["f"], node["c"])})
     if kind == "pickle":
       if not allow_pickle:
-        raise ValueError(
+        raise RestoreRefusedError(
             "This checkpoint holds a pickled object, and loading it would run "
             "code from the checkpoint. Set config.checkpoint_allow_pickle="
             "True only if you trust where the checkpoint came from.")

@@ -93,6 +93,8 @@ def to_host(tree: Any) -> Any:
   def leaf(x):
     if not isinstance(x, jax.Array):
       return x
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x = jax.random.key_data(x)  # Logged as their raw data.
     if x.is_fully_addressable:
       return np.asarray(jax.device_get(x))
     if x.is_fully_replicated:
