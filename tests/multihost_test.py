@@ -324,11 +324,6 @@ def test_only_the_chief_writes_checkpoints_and_logs(two_processes):
   assert all("loss" in tags for tags in data.values())
 
 
-@pytest.mark.xfail(
-    reason="platform.create_writer builds a TensorBoardLogger on every "
-    "process: non-chief processes create an (empty) events file under "
-    "<checkpoint_dir>/train and write duplicate eval scalars under "
-    "<checkpoint_dir>/eval.", strict=True)
 def test_non_chief_processes_create_no_tensorboard_files(two_processes,
                                                          two_process_eval):
   for run, mode in ((two_processes, "train"), (two_process_eval, "eval")):
@@ -427,12 +422,6 @@ def test_checkpoint_restores_in_a_single_process(two_processes, reference,
                              _losses(reference[_TRAIN_STEPS:]), rtol=1e-5)
 
 
-@pytest.mark.xfail(
-    reason="train_checkpoint_all_hosts=True with disk checkpoints: every "
-    "process saves into the same <checkpoint_dir>/checkpoints/latest/<step> "
-    "and Orbax's temporary directories collide (OSError: Directory not "
-    "empty / FileNotFoundError on commit_success.txt); training fails at "
-    "the first save, and the processes may then hang at exit.", strict=True)
 def test_train_checkpoint_all_hosts_saves_on_every_process(tmp_path):
   with _Job(tmp_path, "all_hosts", _EXPERIMENT, _experiment_args(
       tmp_path, checkpoint_dir=tmp_path / "ckpt", extra=[
@@ -548,12 +537,6 @@ def test_killed_process_fails_the_others_within_60s(tmp_path, victim):
     assert "Process(es) [1] of 2" in output
 
 
-@pytest.mark.xfail(
-    reason="A process whose step raises never exits: its atexit "
-    "jax.distributed.shutdown() waits at the shutdown barrier for the "
-    "others (shutdown_timeout_seconds, 300 s by default), while they wait "
-    "for it in a collective. Every process stays alive, so the watchdog "
-    "never fires and the job hangs.", strict=True)
 def test_process_that_raises_fails_the_others_within_60s(tmp_path):
   args = _experiment_args(tmp_path, extra=[
       "--config.training_steps=1000",
@@ -586,9 +569,9 @@ def test_too_few_processes_fail_at_start_up(tmp_path):
     codes = {i: p.returncode for i, p in job.processes.items()}
   for i in (0, 1):
     assert codes[i] != 0, outputs[i][-4000:]
-    # Start-up gives up after initialization_timeout (60 s), plus JAX's
-    # own few seconds of RPC deadline.
-    assert elapsed[i] < 70, (i, elapsed[i], outputs[i][-4000:])
-    assert "processes=3" in outputs[i]
+    # Start-up gives up after initialization_timeout (50 s), plus JAX's
+    # own few seconds of RPC deadline: within the 60 s.
+    assert elapsed[i] < 60, (i, elapsed[i], outputs[i][-4000:])
+    assert "for 3 processes" in outputs[i]
     assert "DEADLINE_EXCEEDED" in outputs[i], outputs[i][-4000:]
     assert "Training with config" not in outputs[i]
