@@ -129,16 +129,21 @@ def encode(tree: Any, *, allow_pickle: bool = False,
     arrays[name] = value
     return name
 
+  def pickled(x: Any, where: str, what: str) -> Any:
+    if allow_pickle:
+      return {"t": "pickle",
+              "i": add(np.frombuffer(pickle.dumps(x), dtype=np.uint8))}
+    raise UnsupportedValueError(
+        f"{where or 'value'} is {what}, which a checkpoint can only hold with "
+        "pickle. Store numeric arrays, numbers, strings and containers of "
+        "them (dict, list, tuple, NamedTuple, dataclass), or set "
+        "config.checkpoint_allow_pickle=True if you trust every checkpoint "
+        "you will load.")
+
   def array_node(kind: str, value: np.ndarray, where: str) -> Any:
     # Object, string and structured arrays; ml_dtypes (bfloat16...) are fine.
     if value.dtype.kind in "OSU" or value.dtype.type is np.void:
-      if allow_pickle:
-        return {"t": "pickle",
-                "i": add(np.frombuffer(pickle.dumps(value), dtype=np.uint8))}
-      raise UnsupportedValueError(
-          f"{where or 'value'} is an array of dtype {value.dtype}, which a "
-          "checkpoint can only hold with pickle; use numeric arrays, or set "
-          "config.checkpoint_allow_pickle=True.")
+      return pickled(value, where, f"an array of dtype {value.dtype}")
     if value.size == 0:  # Orbax refuses empty arrays: keep shape and dtype.
       return {"t": kind, "empty": [list(value.shape), value.dtype.name]}
     return {"t": kind, "i": add(value)}
@@ -183,15 +188,8 @@ def encode(tree: Any, *, allow_pickle: bool = False,
       return {"t": "dataclass", "cls": _checked_class_name(type(x), where),
               "f": fields,
               "c": [enc(getattr(x, f), f"{where}.{f}") for f in fields]}
-    if allow_pickle:
-      return {"t": "pickle",
-              "i": add(np.frombuffer(pickle.dumps(x), dtype=np.uint8))}
-    raise UnsupportedValueError(
-        f"{where or 'value'} is a {type(x).__module__}.{type(x).__qualname__}"
-        ", which a checkpoint can only hold with pickle. Store arrays, "
-        "numbers, strings and containers of them (dict, list, tuple, "
-        "NamedTuple, dataclass), or set config.checkpoint_allow_pickle=True "
-        "if you trust every checkpoint you will load.")
+    return pickled(x, where,
+                   f"a {type(x).__module__}.{type(x).__qualname__}")
 
   return enc(tree, path), arrays
 
