@@ -21,6 +21,8 @@ HEARTBEAT_TIMEOUT_SECS = 30
 INITIALIZATION_TIMEOUT_SECS = 50  # JAX adds ~5 s; the whole stays < 60 s.
 WATCHDOG_INTERVAL_SECS = 5.0
 EXIT_CODE_PEER_LOST = 3
+_DONE_KEY = "jaxline/finished/{}"
+_finished = threading.Event()
 
 
 def _cluster_detected() -> bool:
@@ -53,7 +55,11 @@ def initialize(coordinator_address: Optional[str] = None,
                        f"[0, {num_processes}).")
   elif not _cluster_detected():
     return False
-  if jax.distributed.is_initialized():
+  if jax.distributed.is_initialized():  # A second platform.main call.
+    if _finished.is_set():
+      _finished.clear()
+      _client().key_value_delete(_DONE_KEY.format(jax.process_index()))
+      _start_watchdog()
     return True
   logging.info("Initializing jax.distributed: waiting up to %d s for %s "
                "processes to connect to %s (this is process %s).",
@@ -89,6 +95,34 @@ def exit_on_error_if_multiprocess(error: BaseException) -> None:
   os._exit(1)  # pylint: disable=protected-access
 
 
+def mark_finished() -> None:
+  """Tells the peers' watchdogs that this process ends normally.
+
+  A process that reaches JAX's shutdown no longer counts as live, while a
+  slower peer may still be finishing (a last eval, a flush): without this
+  mark its watchdog would take the normal exit for a death.
+  """
+  _finished.set()
+  if not jax.distributed.is_initialized():
+    return
+  try:
+    _client().key_value_set(_DONE_KEY.format(jax.process_index()), "1")
+  except Exception:  # pylint: disable=broad-except
+    logging.warning("Could not tell the other processes this one finished.")
+
+
+def _client():
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return jax_distributed.global_state.client
+
+
+def _is_finished(client, process: int) -> bool:
+  try:
+    return client.key_value_try_get(_DONE_KEY.format(process)) == "1"
+  except Exception:  # pylint: disable=broad-except  # Not set (NOT_FOUND).
+    return False
+
+
 def _fail(message: str, *args) -> None:
   logging.error(message, *args)
   logging.flush()
@@ -105,24 +139,25 @@ def _start_watchdog() -> None:
   when the coordinator itself is unreachable), within about
   HEARTBEAT_TIMEOUT_SECS + WATCHDOG_INTERVAL_SECS.
   """
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  client = jax_distributed.global_state.client
+  client = _client()
   if client is None or not hasattr(client, "get_live_nodes"):
     logging.warning("Cannot watch for dead processes on this JAX version.")
     return
   everyone = list(range(jax.process_count()))
 
   def watch():
-    while True:
-      time.sleep(WATCHDOG_INTERVAL_SECS)
+    while not _finished.wait(WATCHDOG_INTERVAL_SECS):
       try:
         live = set(client.get_live_nodes(everyone))
       except Exception as e:  # pylint: disable=broad-except
+        if _finished.is_set() or _is_finished(client, 0):
+          return
         _fail("Lost contact with the jax.distributed coordinator (process 0) "
               "(%s). Exiting instead of waiting forever; restart the job.", e)
         return
-      missing = sorted(set(everyone) - live)
-      if missing:
+      missing = [i for i in sorted(set(everyone) - live)
+                 if i != jax.process_index() and not _is_finished(client, i)]
+      if missing and not _finished.is_set():
         _fail("Process(es) %s of %d stopped responding (died or hung). "
               "Exiting instead of waiting forever in a collective; restart "
               "the job to resume from the last checkpoint.", missing,

@@ -177,6 +177,7 @@ def main(experiment_class: Callable[..., Any],
   except Exception as e:  # pylint: disable=broad-except
     distributed.exit_on_error_if_multiprocess(e)
     raise
+  distributed.mark_finished()
 
 
 @utils.debugger_fallback

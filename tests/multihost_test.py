@@ -47,6 +47,12 @@ _COORDINATOR_LOST_MESSAGES = (
     "Lost contact with the jax.distributed coordinator",
     "another task died",
 )
+# Whichever notices a dead peer first ends the survivor: jaxline's watchdog
+# (exit status 3) or JAX's own error polling (an abort); both name process 1.
+_PEER_1_LOST_MESSAGES = (
+    "Process(es) [1] of 2 stopped responding",
+    "tasks are unhealthy (stopped sending heartbeats):\n1",
+)
 _RESTORED_RE = re.compile(r"Returned checkpoint latest with id (\d+)\.")
 _SAVED = "Saved checkpoint latest with id"
 _RENDEZVOUS_DONE = "[jaxline] rendezvous finished."
@@ -532,9 +538,7 @@ def test_killed_process_fails_the_others_within_60s(tmp_path, victim):
     # The coordinator is gone: the watchdog or JAX itself says so.
     assert any(m in output for m in _COORDINATOR_LOST_MESSAGES), output[-4000:]
   else:
-    assert code == 3, output[-4000:]
-    assert _WATCHDOG_MESSAGE in output, output[-4000:]
-    assert "Process(es) [1] of 2" in output
+    assert any(m in output for m in _PEER_1_LOST_MESSAGES), output[-4000:]
 
 
 def test_process_that_raises_fails_the_others_within_60s(tmp_path):
@@ -550,8 +554,8 @@ def test_process_that_raises_fails_the_others_within_60s(tmp_path):
     outputs = job.outputs()
     codes = {i: p.returncode for i, p in job.processes.items()}
   assert codes[1] != 0, outputs[1][-4000:]
-  assert codes[0] == 3, outputs[0][-4000:]
-  assert _WATCHDOG_MESSAGE in outputs[0]
+  assert codes[0] != 0, outputs[0][-4000:]
+  assert any(m in outputs[0] for m in _PEER_1_LOST_MESSAGES), outputs[0][-4000:]
   assert ended[0] - failed_at < 60
 
 
