@@ -3,8 +3,8 @@
 A *per-device* value has a leading axis of `jax.local_device_count()` whose
 slice i lives on `jax.local_devices()[i]`: the layout a `jax.pmap` output has.
 Arrays are built directly in that layout with a `NamedSharding`, so a user's
-pmapped function takes them without a copy, and nothing here uses the removed
-`device_put_sharded`/`device_put_replicated`.
+pmapped function takes them without a copy, and nothing here uses the
+per-device placement functions JAX removed.
 """
 
 import dataclasses
