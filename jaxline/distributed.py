@@ -9,7 +9,6 @@ missing process fails the others with a clear error instead of a hang.
 import os
 import sys
 import threading
-import time
 from typing import Optional
 
 from absl import logging
@@ -56,7 +55,7 @@ def initialize(coordinator_address: Optional[str] = None,
   elif not _cluster_detected():
     return False
   if jax.distributed.is_initialized():  # A second platform.main call.
-    if _finished.is_set():
+    if _finished.is_set() and _client() is not None:
       _finished.clear()
       _client().key_value_delete(_DONE_KEY.format(jax.process_index()))
       _start_watchdog()
@@ -102,9 +101,9 @@ def mark_finished() -> None:
   slower peer may still be finishing (a last eval, a flush): without this
   mark its watchdog would take the normal exit for a death.
   """
-  _finished.set()
   if not jax.distributed.is_initialized():
-    return
+    return  # Single process: no watchdog, no peers to tell.
+  _finished.set()
   try:
     _client().key_value_set(_DONE_KEY.format(jax.process_index()), "1")
   except Exception:  # pylint: disable=broad-except

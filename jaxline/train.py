@@ -88,7 +88,7 @@ def train(experiment_class: Callable[..., Any],
       checkpointer.save("latest")
       checkpointer.wait_for_checkpointing_to_finish()
   _finish_actions(actions, raise_errors=True)
-  _flush(writer)
+  writers.flush_writer(writer, raise_errors=True)
   utils.rendezvous()
 
 
@@ -295,12 +295,6 @@ def _finish_actions(actions, *, raise_errors: bool) -> None:
       first_error = first_error or e
   if raise_errors and first_error is not None:
     raise first_error
-
-
-def _flush(writer) -> None:
-  flush = getattr(writer, "flush", None)
-  if callable(flush):
-    flush()
 
 
 def _wait(stop_event: Optional[threading.Event], secs: float) -> bool:

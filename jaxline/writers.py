@@ -177,11 +177,18 @@ class NullWriter:
     pass
 
 
-def flush_writer(writer: Any) -> None:
-  """Flushes any writer that can be flushed; others are left alone."""
+def flush_writer(writer: Any, *, raise_errors: bool = False) -> None:
+  """Flushes any writer that can be flushed; others are left alone.
+
+  On an error path the flush must not hide the original exception, so its
+  own failure is only logged unless `raise_errors`.
+  """
   flush = getattr(writer, "flush", None)
-  if callable(flush):
-    try:
-      flush()
-    except Exception:  # pylint: disable=broad-except
-      logging.exception("Flushing the writer failed.")
+  if not callable(flush):
+    return
+  try:
+    flush()
+  except Exception:  # pylint: disable=broad-except
+    if raise_errors:
+      raise
+    logging.exception("Flushing the writer failed.")
