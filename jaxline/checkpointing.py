@@ -140,6 +140,7 @@ class DiskCheckpointer(utils.Checkpointer):
     self._fixed_latest: Optional[tuple[str, int]] = None
     self._reported_step: Dict[str, int] = {}
     self._latest_dir: Optional[str] = None
+    self._warned_off_chief: Set[str] = set()
     eval_dir = config.get("eval_specific_checkpoint_dir", "")
     if mode != "train" and eval_dir:
       self._resolve_eval_dir(eval_dir)
@@ -163,26 +164,16 @@ class DiskCheckpointer(utils.Checkpointer):
                        "exist; point it at a checkpoint step directory, a "
                        "series directory or a checkpoint_dir.")
 
-  def _series_dir(self, series: str, *, write: bool = False) -> str:
-    """Where a series is read from, or written by this process.
-
-    Processes other than the chief only save with
-    `train_checkpoint_all_hosts`; they write under `process_<i>/` so that
-    their Orbax commits never collide with the chief's, and every process
-    restores the chief's checkpoints, hence the same step.
-    """
+  def _series_dir(self, series: str) -> str:
     if series == "latest" and self._fixed_latest:
       return self._fixed_latest[0]
     if series == "latest" and self._latest_dir:
       return self._latest_dir
-    if write and jax.process_index() != 0:
-      return os.path.join(self._root, f"process_{jax.process_index()}",
-                          series)
     return os.path.join(self._root, series)
 
-  def _manager(self, series: str, *, create: bool,
-               write: bool = False) -> Optional[ocp.CheckpointManager]:
-    directory = self._series_dir(series, write=write)
+  def _manager(self, series: str, *,
+               create: bool) -> Optional[ocp.CheckpointManager]:
+    directory = self._series_dir(series)
     with self._lock:
       manager = self._managers.get(directory)
       if manager is not None:
@@ -260,7 +251,10 @@ class DiskCheckpointer(utils.Checkpointer):
     state = self._states[ckpt_series]  # KeyError: a series never created.
     step = int(state.global_step)
     meta, arrays = self._encode(state, ckpt_series)
-    manager = self._manager(ckpt_series, create=True, write=True)
+    if jax.process_index() != 0:
+      self._skip_save_off_chief(ckpt_series)
+      return
+    manager = self._manager(ckpt_series, create=True)
     with _SAVE_LOCK, self._lock:
       for checkpointer in list(_LIVE_CHECKPOINTERS):
         checkpointer._wait_for_saves()  # pylint: disable=protected-access
@@ -282,6 +276,24 @@ class DiskCheckpointer(utils.Checkpointer):
           arrays=ocp.args.StandardSave(arrays),
           meta=ocp.args.JsonSave(meta)))
     logging.info("Saved checkpoint %s with id %s.", ckpt_series, step)
+
+  def _skip_save_off_chief(self, series: str) -> None:
+    """Only the chief writes to disk, whatever the all-hosts options say.
+
+    Orbax writes host (numpy) arrays from process 0 alone and refuses
+    process-local device arrays in a multi-process run, so no other process
+    can write a whole checkpoint of its own; and every process restores the
+    chief's checkpoints anyway, so that all resume at the same step.
+    """
+    if series not in self._warned_off_chief:
+      self._warned_off_chief.add(series)
+      logging.warning(
+          "Process %d does not write %r checkpoints to disk: in a "
+          "multi-process run only the chief (process 0) does, and every "
+          "process restores from them, so checkpoint_dir must be on a "
+          "filesystem that every process reads. (train_checkpoint_all_hosts "
+          "and best_checkpoint_all_hosts only apply to in-memory "
+          "checkpoints.)", jax.process_index(), series)
 
   def _read(self, series: str, step: int) -> Dict[str, Any]:
     manager = self._manager(series, create=False)
