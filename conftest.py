@@ -7,6 +7,8 @@ ml_collections' config loader, which uses importlib's deprecated
 """
 
 import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -30,8 +32,37 @@ def subprocess_env(num_devices: int = 1, **extra: str) -> dict[str, str]:
       [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
                      if p])
   env["PYTHONUNBUFFERED"] = "1"
+  # Python tracebacks of every thread on a fatal signal; see run_python.
+  env["PYTHONFAULTHANDLER"] = "1"
   env.update(extra)
   return env
+
+
+def run_python(command: list[str], *, timeout: float,
+               **popen_kwargs) -> subprocess.CompletedProcess:
+  """`subprocess.run(command)` with text output, failing the test on a hang.
+
+  A command still running after `timeout` seconds gets SIGABRT, so that its
+  faulthandler (on through `subprocess_env`) prints where every thread is,
+  and the test fails with that output instead of a bare timeout.
+  """
+  process = subprocess.Popen(command, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             **popen_kwargs)
+  try:
+    stdout, stderr = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.send_signal(signal.SIGABRT)
+    try:
+      stdout, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      stdout, stderr = process.communicate()
+    pytest.fail(f"Still running after {timeout} s, so stopped: {command}\n"
+                f"stdout:\n{stdout[-3000:]}\nstderr (with the stacks):\n"
+                f"{stderr[-20000:]}")
+  return subprocess.CompletedProcess(command, process.returncode, stdout,
+                                     stderr)
 
 
 def pytest_configure(config):

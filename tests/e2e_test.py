@@ -14,6 +14,7 @@ import sys
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
+import conftest
 from conftest import subprocess_env
 
 _TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -34,9 +35,9 @@ def _run(args, num_devices=1, script=_EXPERIMENT, config_arg=None,
          cwd=_TESTDATA):
   config = _EXPERIMENT if config_arg is None else f"{_EXPERIMENT}:{config_arg}"
   command = [sys.executable, script, f"--config={config}"] + list(args)
-  return subprocess.run(command, cwd=cwd, env=subprocess_env(num_devices),
-                        capture_output=True, text=True, timeout=_TIMEOUT_SECS,
-                        check=False)
+  return conftest.run_python(command, cwd=cwd,
+                             env=subprocess_env(num_devices),
+                             timeout=_TIMEOUT_SECS)
 
 
 def _output(result):

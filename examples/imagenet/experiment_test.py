@@ -11,7 +11,6 @@ steps (3 "epochs" of 2 steps), checkpointing every 2.
 import math
 import os
 import shutil
-import subprocess
 import sys
 
 import haiku as hk
@@ -26,7 +25,7 @@ import conftest
 from examples.imagenet import config as config_lib
 from examples.imagenet import experiment
 
-_TIMEOUT_SECS = 600
+_TIMEOUT_SECS = 300
 _NUM_DEVICES = 8
 # 40 validation examples in global batches of 16: the last batch is padded.
 _MOCK_EXAMPLES = 40
@@ -45,9 +44,8 @@ def _run(checkpoint_dir: str, *flags: str) -> str:
       f"--mock_num_examples={_MOCK_EXAMPLES}", *flags]
   env = conftest.subprocess_env(_NUM_DEVICES)
   env["XLA_FLAGS"] += " " + _FAST_COMPILE_XLA_FLAGS
-  result = subprocess.run(
-      command, cwd=conftest.REPO_ROOT, env=env, capture_output=True,
-      text=True, timeout=_TIMEOUT_SECS, check=False)
+  result = conftest.run_python(command, cwd=conftest.REPO_ROOT, env=env,
+                               timeout=_TIMEOUT_SECS)
   output = result.stdout + result.stderr
   assert result.returncode == 0, output[-8000:]
   return output

@@ -48,9 +48,9 @@ def _run(checkpoint_dir: str, *extra_flags: str,
              "--config=examples/mnist/config.py",
              f"--config.checkpoint_dir={checkpoint_dir}",
              *_TINY_FLAGS, *extra_flags]
-  result = subprocess.run(
+  result = conftest.run_python(
       command, cwd=conftest.REPO_ROOT, env=conftest.subprocess_env(num_devices),
-      capture_output=True, text=True, timeout=_TIMEOUT_SECS, check=False)
+      timeout=_TIMEOUT_SECS)
   return result
 
 
