@@ -11,6 +11,7 @@ newest checkpoint that cannot be read is skipped with a warning in favour of
 the one before it.
 """
 
+from concurrent import futures
 import os
 import tempfile
 import threading
@@ -25,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxline import experiment as experiment_lib
+from jaxline import host_copy
 from jaxline import serialization
 from jaxline import utils
 
@@ -140,7 +142,9 @@ class DiskCheckpointer(utils.Checkpointer):
     self._fixed_latest: Optional[tuple[str, int]] = None
     self._reported_step: Dict[str, int] = {}
     self._latest_dir: Optional[str] = None
-    self._warned_off_chief: Set[str] = set()
+    self._host_copy_pool = futures.ThreadPoolExecutor(
+        1, thread_name_prefix="jaxline_host_copy")
+    self._host_copy: Optional[futures.Future] = None
     eval_dir = config.get("eval_specific_checkpoint_dir", "")
     if mode != "train" and eval_dir:
       self._resolve_eval_dir(eval_dir)
@@ -202,14 +206,18 @@ class DiskCheckpointer(utils.Checkpointer):
     if manager is None:
       return []
     if self._follow:
-      for attempt in range(3):
+      for attempt in range(5):
         try:
           manager.reload()
           break
-        except OSError:  # A step deleted by the writer while listing.
-          if attempt == 2:
-            raise
-          time.sleep(0.1)
+        except OSError as e:  # A step deleted by the writer while listing.
+          if attempt == 4:
+            # Still changing: go on with the last listing (a step gone
+            # since fails to restore and is skipped), not end the job.
+            logging.warning("Cannot list %s (%s); using the last listing.",
+                            self._series_dir(series), e)
+          else:
+            time.sleep(0.1 * (attempt + 1))
     bad = self._bad_steps.get(series, set())
     return sorted(s for s in manager.all_steps() if s not in bad)
 
@@ -252,7 +260,7 @@ class DiskCheckpointer(utils.Checkpointer):
     step = int(state.global_step)
     meta, arrays = self._encode(state, ckpt_series)
     if jax.process_index() != 0:
-      self._skip_save_off_chief(ckpt_series)
+      self._save_host_copy(ckpt_series, step, meta, arrays)
       return
     manager = self._manager(ckpt_series, create=True)
     with _SAVE_LOCK, self._lock:
@@ -277,23 +285,29 @@ class DiskCheckpointer(utils.Checkpointer):
           meta=ocp.args.JsonSave(meta)))
     logging.info("Saved checkpoint %s with id %s.", ckpt_series, step)
 
-  def _skip_save_off_chief(self, series: str) -> None:
-    """Only the chief writes to disk, whatever the all-hosts options say.
+  def _save_host_copy(self, series: str, step: int, meta: Dict[str, Any],
+                      arrays: Dict[str, np.ndarray]) -> None:
+    """Saves this process's own copy; see `host_copy` for why not Orbax.
 
-    Orbax writes host (numpy) arrays from process 0 alone and refuses
-    process-local device arrays in a multi-process run, so no other process
-    can write a whole checkpoint of its own; and every process restores the
-    chief's checkpoints anyway, so that all resume at the same step.
+    Every process restores the chief's checkpoints, so that all resume at
+    the same step; these copies are each process's record of its state.
     """
-    if series not in self._warned_off_chief:
-      self._warned_off_chief.add(series)
-      logging.warning(
-          "Process %d does not write %r checkpoints to disk: in a "
-          "multi-process run only the chief (process 0) does, and every "
-          "process restores from them, so checkpoint_dir must be on a "
-          "filesystem that every process reads. (train_checkpoint_all_hosts "
-          "and best_checkpoint_all_hosts only apply to in-memory "
-          "checkpoints.)", jax.process_index(), series)
+    directory = os.path.join(self._root, f"process_{jax.process_index()}",
+                             series)
+    with self._lock:
+      self._wait_for_host_copy()
+      self._host_copy = self._host_copy_pool.submit(
+          host_copy.save, directory, step, meta, arrays,
+          replace=series != "latest", max_to_keep=self._max_to_keep)
+    if not self._async:
+      self._wait_for_host_copy()
+    logging.info("Saved checkpoint %s with id %s (this process's copy).",
+                 series, step)
+
+  def _wait_for_host_copy(self) -> None:
+    if self._host_copy is not None:
+      self._host_copy.result()  # Raises what the save raised.
+      self._host_copy = None
 
   def _read(self, series: str, step: int) -> Dict[str, Any]:
     manager = self._manager(series, create=False)
@@ -371,6 +385,8 @@ class DiskCheckpointer(utils.Checkpointer):
     for manager in list(self._managers.values()):
       manager.wait_until_finished()
       manager.check_for_errors()
+    with self._lock:
+      self._wait_for_host_copy()
 
   def close(self) -> None:
     self.wait_for_checkpointing_to_finish()

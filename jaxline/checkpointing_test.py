@@ -991,6 +991,25 @@ def test_reader_survives_checkpoints_deleted_while_it_lists_them(tmp_path):
     thread.join()
 
 
+def test_reader_that_cannot_list_uses_the_last_listing(tmp_path, caplog,
+                                                      monkeypatch):
+  config = _config(tmp_path)
+  _save(config, seed=1, step=2)
+  reader = checkpointing.DiskCheckpointer(config, "eval")
+  assert reader.can_be_restored("latest")
+  # A listing that keeps failing, as while a writer deletes steps; the
+  # real race is the test above, too rare to force three times in a row.
+  manager = reader._manager("latest", create=False)
+  def failing_reload():
+    raise FileNotFoundError("a step vanished while listing")
+  monkeypatch.setattr(manager, "reload", failing_reload)
+  monkeypatch.setattr(checkpointing.time, "sleep", lambda _: None)
+  with caplog.at_level(pylogging.WARNING):
+    assert reader.can_be_restored("latest")
+  assert reader.restore_path("latest").endswith(os.sep + "2")
+  assert "using the last listing" in caplog.text
+
+
 # --- Across device counts ----------------------------------------------------
 
 _DEVICE_SCRIPT = r"""

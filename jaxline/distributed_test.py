@@ -19,7 +19,6 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 from jax._src import distributed as jax_distributed
-import pytest
 
 from conftest import subprocess_env
 from jaxline import distributed

@@ -28,10 +28,12 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing import event_file_loader
 
 from conftest import subprocess_env
+from jaxline import host_copy
 
 _TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                          "testdata")
@@ -428,10 +430,7 @@ def test_checkpoint_restores_in_a_single_process(two_processes, reference,
                              _losses(reference[_TRAIN_STEPS:]), rtol=1e-5)
 
 
-def test_all_hosts_option_keeps_one_checkpoint_on_disk(tmp_path):
-  # Orbax cannot write a whole checkpoint from a process other than 0, and
-  # every process restores the chief's: the option only affects in-memory
-  # checkpoints, and process 1 says so instead of failing the save.
+def test_train_checkpoint_all_hosts_saves_on_every_process(tmp_path):
   with _Job(tmp_path, "all_hosts", _EXPERIMENT, _experiment_args(
       tmp_path, checkpoint_dir=tmp_path / "ckpt", extra=[
           "--config.training_steps=2",
@@ -439,13 +438,22 @@ def test_all_hosts_option_keeps_one_checkpoint_on_disk(tmp_path):
     codes = job.wait(timeout=60)
     outputs = job.outputs()
   assert codes == {0: 0, 1: 0}, job.describe()
-  assert _SAVED in outputs[0]
-  assert _SAVED not in outputs[1]
-  assert "Process 1 does not write 'latest' checkpoints" in outputs[1]
-  assert "Process 0 does not write" not in outputs[0]
+  for i in (0, 1):
+    assert _SAVED in outputs[i]
+  # The chief's Orbax checkpoint, and process 1's own copy beside it.
   root = tmp_path / "ckpt" / "checkpoints"
-  assert sorted(os.listdir(root)) == ["latest"]
-  assert sorted(os.listdir(root / "latest")) == ["2"]
+  assert sorted(os.listdir(root)) == ["latest", "process_1"]
+  with ocp.StandardCheckpointer() as reader:
+    chief = reader.restore(root / "latest" / "2" / "arrays")
+  chief_meta = json.loads((root / "latest" / "2" / "meta" / "metadata")
+                          .read_text())
+  meta, arrays = host_copy.load(str(root / "process_1" / "latest" / "2"))
+  assert meta == chief_meta
+  assert sorted(arrays) == sorted(chief)
+  assert any(k.startswith("experiment_module/params/") for k in arrays)
+  for key, value in arrays.items():
+    if not key.startswith("train_step_rng/"):  # Each host has its keys.
+      np.testing.assert_array_equal(value, chief[key], err_msg=key)
 
 
 # ---------------------------------------------------------------------------
