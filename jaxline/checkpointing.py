@@ -299,8 +299,8 @@ class DiskCheckpointer(utils.Checkpointer):
       self._host_copy = self._host_copy_pool.submit(
           host_copy.save, directory, step, meta, arrays,
           replace=series != "latest", max_to_keep=self._max_to_keep)
-    if not self._async:
-      self._wait_for_host_copy()
+      if not self._async:
+        self._wait_for_host_copy()
     logging.info("Saved checkpoint %s with id %s (this process's copy).",
                  series, step)
 

@@ -26,6 +26,7 @@ import pytest
 from jaxline import base_config
 from jaxline import checkpointing
 from jaxline import experiment
+from jaxline import host_copy
 from jaxline import platform
 from jaxline import serialization
 from jaxline import train
@@ -1008,6 +1009,34 @@ def test_reader_that_cannot_list_uses_the_last_listing(tmp_path, caplog,
     assert reader.can_be_restored("latest")
   assert reader.restore_path("latest").endswith(os.sep + "2")
   assert "using the last listing" in caplog.text
+
+
+def test_a_process_other_than_the_chief_writes_its_own_copy(tmp_path,
+                                                            monkeypatch):
+  # The real multi-process run is in tests/multihost_test.py; here the
+  # process index is all that differs, to reach the error path too.
+  config = _config(tmp_path)
+  monkeypatch.setattr(checkpointing.jax, "process_index", lambda: 1)
+  checkpointer, exp = _save(config, seed=3, step=4)
+  assert _committed_steps(config) == []  # No Orbax series of its own.
+  copy_dir = os.path.join(config.checkpoint_dir, "checkpoints", "process_1",
+                          "latest")
+  assert host_copy.steps(copy_dir) == [4]
+  meta, arrays = host_copy.load(os.path.join(copy_dir, "4"))
+  assert meta["series"] == "latest"
+  params = {k: v for k, v in arrays.items()
+            if k.startswith("experiment_module/params/")}
+  np.testing.assert_array_equal(
+      sorted(np.concatenate([v.ravel() for v in params.values()])),
+      sorted(np.concatenate([np.asarray(v).ravel() for v in jax.tree.leaves(
+          utils.get_first(exp._params))])))
+  # A copy that cannot be written fails the wait, naming the path.
+  open(os.path.join(copy_dir, "..", "best"), "w").close()  # A file, no dir.
+  state = _train_state(checkpointer, exp, step=5, series="best")
+  state.best_eval_metric_value = 1.0
+  checkpointer.save("best")
+  with pytest.raises(OSError, match="best"):
+    checkpointer.wait_for_checkpointing_to_finish()
 
 
 # --- Across device counts ----------------------------------------------------
