@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import weakref
-from typing import Any, Dict, Optional, Set
+from typing import Any, Callable, Dict, Optional, Set
 
 from absl import logging
 import jax
@@ -38,6 +38,8 @@ FORMAT_VERSION = 1
 # process therefore waits for all others to finish, under this lock.
 _SAVE_LOCK = threading.Lock()
 _PLACEHOLDER = "_no_arrays"
+# Attempts at listing a series that a writer is changing.
+_LIST_ATTEMPTS = 5
 _LIVE_CHECKPOINTERS = weakref.WeakSet()
 
 
@@ -72,52 +74,6 @@ def _ensure_writable(directory: str) -> None:
         f"Cannot write checkpoints to {directory!r} ({e.strerror}). Make it "
         "writable or set config.checkpoint_dir to a writable directory."
     ) from e
-
-
-def _entry_attributes(experiment: Any) -> Dict[str, str]:
-  """Checkpoint name -> attribute name, for messages."""
-  names = {}
-  for attr_map in (experiment.NON_BROADCAST_CHECKPOINT_ATTRS,
-                   experiment.CHECKPOINT_ATTRS):
-    names.update({name: attr for attr, name in attr_map.items()})
-  return names
-
-
-def _structure(value: Any) -> str:
-  shapes = [getattr(x, "shape", ()) for x in jax.tree.leaves(value)]
-  return f"{jax.tree.structure(value)} with leaf shapes {shapes}"
-
-
-def check_snapshot_matches(experiment: Any, saved: Dict[str, Any]) -> None:
-  """Raises ValueError if `saved` does not fit `experiment`'s attributes.
-
-  Structures are compared for CHECKPOINT_ATTRS only: non-broadcast values
-  (host lists that grow, counters) legitimately change shape over training.
-  """
-  live = experiment.snapshot_state()
-  compared = set(experiment.CHECKPOINT_ATTRS.values())
-  attrs = _entry_attributes(experiment)
-  describe = lambda name: f"{name!r} (attribute {attrs.get(name, '?')})"
-  missing = sorted(set(live) - set(saved), key=str)
-  extra = sorted(set(saved) - set(live), key=str)
-  if missing or extra:
-    raise ValueError(
-        "The checkpoint does not match the experiment: "
-        f"missing from the checkpoint: {[describe(n) for n in missing]}; "
-        f"in the checkpoint but not the experiment: {extra}. Checkpoint "
-        f"entries: {sorted(map(str, saved))}; experiment entries: "
-        f"{sorted(map(str, live))}.")
-  for name, live_value in live.items():
-    saved_value = saved[name]
-    if name not in compared or live_value is None or saved_value is None:
-      continue  # Host state, or lazily created state not there yet.
-    if (jax.tree.structure(live_value) != jax.tree.structure(saved_value) or
-        [getattr(x, "shape", ()) for x in jax.tree.leaves(live_value)] !=
-        [getattr(x, "shape", ()) for x in jax.tree.leaves(saved_value)]):
-      raise ValueError(
-          f"Checkpoint entry {describe(name)} has another structure than the "
-          f"experiment's.\n  checkpoint: {_structure(saved_value)}\n  "
-          f"experiment: {_structure(live_value)}")
 
 
 class DiskCheckpointer(utils.Checkpointer):
@@ -194,9 +150,15 @@ class DiskCheckpointer(utils.Checkpointer):
           # Only the processes that save do so; no barriers with the others.
           multiprocessing_options=ocp.options.MultiprocessingOptions(
               primary_host=me, active_processes={me}))
-      manager = ocp.CheckpointManager(directory, options=options,
-                                      item_names=("arrays", "meta"))
-      self._managers[directory] = manager
+      # Orbax lists the steps as it starts, so it races with a writer too.
+      manager = _retrying_listing(
+          directory, lambda: ocp.CheckpointManager(
+              directory, options=options, item_names=("arrays", "meta")))
+      if manager is None and create:
+        raise OSError(f"Cannot list the checkpoints in {directory}; see the "
+                      "warning above for the last error.")
+      if manager is not None:
+        self._managers[directory] = manager
       return manager
 
   def _steps(self, series: str) -> list[int]:
@@ -206,18 +168,10 @@ class DiskCheckpointer(utils.Checkpointer):
     if manager is None:
       return []
     if self._follow:
-      for attempt in range(5):
-        try:
-          manager.reload()
-          break
-        except OSError as e:  # A step deleted by the writer while listing.
-          if attempt == 4:
-            # Still changing: go on with the last listing (a step gone
-            # since fails to restore and is skipped), not end the job.
-            logging.warning("Cannot list %s (%s); using the last listing.",
-                            self._series_dir(series), e)
-          else:
-            time.sleep(0.1 * (attempt + 1))
+      # Still changing after the retries: go on with the last listing (a step
+      # gone since fails to restore and is skipped), not end the job.
+      _retrying_listing(self._series_dir(series), manager.reload,
+                        fallback="using the last listing")
     bad = self._bad_steps.get(series, set())
     return sorted(s for s in manager.all_steps() if s not in bad)
 
@@ -239,7 +193,7 @@ class DiskCheckpointer(utils.Checkpointer):
     nest = self._snapshot(state)
     attrs = {}
     if "experiment_module" in state:
-      attrs = _entry_attributes(state.experiment_module)
+      attrs = serialization.entry_attributes(state.experiment_module)
     skeleton, arrays = {}, {}
     for key, value in nest.items():
       entries = value if key == "experiment_module" else {key: value}
@@ -353,7 +307,8 @@ class DiskCheckpointer(utils.Checkpointer):
 
   def _apply(self, live, nest: Dict[str, Any]) -> None:
     if "experiment_module" in live and "experiment_module" in nest:
-      check_snapshot_matches(live.experiment_module, nest["experiment_module"])
+      serialization.check_snapshot_matches(live.experiment_module,
+                                           nest["experiment_module"])
     for key in list(live.keys()):
       if key not in nest:
         continue
@@ -393,6 +348,23 @@ class DiskCheckpointer(utils.Checkpointer):
     for manager in self._managers.values():
       manager.close()
     self._managers.clear()
+
+
+def _retrying_listing(directory: str, list_steps: Callable[[], Any], *,
+                      fallback: str = "no checkpoint there yet") -> Any:
+  """Lists steps, retrying while a writer deletes one under the listing.
+
+  Returns None when every attempt failed, after a warning naming the
+  directory and what the caller does instead.
+  """
+  for attempt in range(_LIST_ATTEMPTS):
+    try:
+      return list_steps()
+    except OSError as e:
+      if attempt == _LIST_ATTEMPTS - 1:
+        logging.warning("Cannot list %s (%s); %s.", directory, e, fallback)
+        return None
+      time.sleep(0.1 * (attempt + 1))
 
 
 def _prefix(skeleton: Any, prefix: str) -> Any:

@@ -267,3 +267,49 @@ def describe(skeleton: Any) -> str:
   name = skeleton.get("cls", kind) or kind
   name = name.split(":")[-1]
   return f"{name}(" + ", ".join(describe(c) for c in skeleton["c"]) + ")"
+
+
+def entry_attributes(experiment: Any) -> Dict[str, str]:
+  """Checkpoint name -> attribute name, for messages."""
+  names = {}
+  for attr_map in (experiment.NON_BROADCAST_CHECKPOINT_ATTRS,
+                   experiment.CHECKPOINT_ATTRS):
+    names.update({name: attr for attr, name in attr_map.items()})
+  return names
+
+
+def _structure(value: Any) -> str:
+  shapes = [getattr(x, "shape", ()) for x in jax.tree.leaves(value)]
+  return f"{jax.tree.structure(value)} with leaf shapes {shapes}"
+
+
+def check_snapshot_matches(experiment: Any, saved: Dict[str, Any]) -> None:
+  """Raises ValueError if `saved` does not fit `experiment`'s attributes.
+
+  Structures are compared for CHECKPOINT_ATTRS only: non-broadcast values
+  (host lists that grow, counters) legitimately change shape over training.
+  """
+  live = experiment.snapshot_state()
+  compared = set(experiment.CHECKPOINT_ATTRS.values())
+  attrs = entry_attributes(experiment)
+  describe = lambda name: f"{name!r} (attribute {attrs.get(name, '?')})"
+  missing = sorted(set(live) - set(saved), key=str)
+  extra = sorted(set(saved) - set(live), key=str)
+  if missing or extra:
+    raise ValueError(
+        "The checkpoint does not match the experiment: "
+        f"missing from the checkpoint: {[describe(n) for n in missing]}; "
+        f"in the checkpoint but not the experiment: {extra}. Checkpoint "
+        f"entries: {sorted(map(str, saved))}; experiment entries: "
+        f"{sorted(map(str, live))}.")
+  for name, live_value in live.items():
+    saved_value = saved[name]
+    if name not in compared or live_value is None or saved_value is None:
+      continue  # Host state, or lazily created state not there yet.
+    if (jax.tree.structure(live_value) != jax.tree.structure(saved_value) or
+        [getattr(x, "shape", ()) for x in jax.tree.leaves(live_value)] !=
+        [getattr(x, "shape", ()) for x in jax.tree.leaves(saved_value)]):
+      raise ValueError(
+          f"Checkpoint entry {describe(name)} has another structure than the "
+          f"experiment's.\n  checkpoint: {_structure(saved_value)}\n  "
+          f"experiment: {_structure(live_value)}")

@@ -415,3 +415,42 @@ def test_class_that_cannot_be_looked_up_is_refused_at_save():
 def test_non_numeric_numpy_array_is_refused_at_save(value):
   with pytest.raises(serialization.UnsupportedValueError, match="entry 'x'"):
     serialization.encode({"x": value}, path="entry 'x'")
+
+
+class _Snapshotting:
+  """Just what `check_snapshot_matches` reads of an experiment."""
+  CHECKPOINT_ATTRS = {"_params": "params"}
+  NON_BROADCAST_CHECKPOINT_ATTRS = {"_seen": "seen"}
+
+  def __init__(self, params, seen):
+    self._state = {"params": params, "seen": seen}
+
+  def snapshot_state(self):
+    return dict(self._state)
+
+
+def test_snapshot_check_allows_lazy_state_and_growing_host_values():
+  saved = {"params": {"w": np.zeros((2, 3))}, "seen": [1, 2, 3]}
+  # Parameters not created yet, and a host list that has grown since.
+  serialization.check_snapshot_matches(_Snapshotting(None, [1]), saved)
+  serialization.check_snapshot_matches(
+      _Snapshotting({"w": np.ones((2, 3))}, []), saved)
+
+
+def test_snapshot_check_names_the_attribute_and_both_shapes():
+  saved = {"params": {"w": np.zeros((2, 3))}, "seen": []}
+  with pytest.raises(ValueError) as info:
+    serialization.check_snapshot_matches(
+        _Snapshotting({"w": np.zeros((2, 4))}, []), saved)
+  message = str(info.value)
+  assert "'params' (attribute _params)" in message
+  assert "[(2, 3)]" in message and "[(2, 4)]" in message
+
+
+def test_snapshot_check_lists_missing_and_extra_entries():
+  with pytest.raises(ValueError) as info:
+    serialization.check_snapshot_matches(
+        _Snapshotting(None, []), {"params": None, "old_counter": 1})
+  message = str(info.value)
+  assert "'seen' (attribute _seen)" in message  # Missing from the checkpoint.
+  assert "'old_counter'" in message  # In the checkpoint only.
