@@ -153,10 +153,8 @@ class DiskCheckpointer(utils.Checkpointer):
       # Orbax lists the steps as it starts, so it races with a writer too.
       manager = _retrying_listing(
           directory, lambda: ocp.CheckpointManager(
-              directory, options=options, item_names=("arrays", "meta")))
-      if manager is None and create:
-        raise OSError(f"Cannot list the checkpoints in {directory}; see the "
-                      "warning above for the last error.")
+              directory, options=options, item_names=("arrays", "meta")),
+          fallback=None if create else "no checkpoint there yet")
       if manager is not None:
         self._managers[directory] = manager
       return manager
@@ -351,17 +349,20 @@ class DiskCheckpointer(utils.Checkpointer):
 
 
 def _retrying_listing(directory: str, list_steps: Callable[[], Any], *,
-                      fallback: str = "no checkpoint there yet") -> Any:
+                      fallback: Optional[str]) -> Any:
   """Lists steps, retrying while a writer deletes one under the listing.
 
-  Returns None when every attempt failed, after a warning naming the
-  directory and what the caller does instead.
+  When every attempt failed: with no `fallback` the last error is raised;
+  otherwise a warning names the directory and the fallback, what the caller
+  does instead, and None is returned.
   """
   for attempt in range(_LIST_ATTEMPTS):
     try:
       return list_steps()
     except OSError as e:
       if attempt == _LIST_ATTEMPTS - 1:
+        if fallback is None:
+          raise
         logging.warning("Cannot list %s (%s); %s.", directory, e, fallback)
         return None
       time.sleep(0.1 * (attempt + 1))
