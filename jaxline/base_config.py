@@ -21,6 +21,9 @@ OPTIONAL_KEYS: Mapping[str, Any] = {
     "experiment_style": "pmap",
     # Let disk checkpoints hold objects that need pickle (and load them).
     "checkpoint_allow_pickle": False,
+    # Eval jobs evaluate every committed checkpoint in step order, instead of
+    # only the newest one at each poll.
+    "eval_every_checkpoint": False,
 }
 
 _INTERVAL_TYPES = ("secs", "steps")

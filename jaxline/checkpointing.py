@@ -1,46 +1,60 @@
-"""Checkpoints on disk, with Orbax, behind the same protocol as in memory.
+"""Checkpoints on disk with Orbax, behind the same protocol as in memory.
 
-Layout: `<checkpoint_dir>/checkpoints/<series>/<step>/{arrays,meta}`, one
-Orbax step directory per save, committed atomically (written to a temporary
-directory, then renamed), so a reader never sees half a checkpoint. `arrays`
-holds the numpy leaves; `meta` is JSON with the pytree skeleton
-(`serialization`), so lazily created state restores with its exact types.
+Layout: `<checkpoint_dir>/checkpoints/<series>/<step>/{arrays,meta,host}`,
+one Orbax `CheckpointManager` per series and one step directory per save,
+which Orbax commits atomically (written aside, then renamed), so a reader
+never sees half a checkpoint. `checkpoint_format` says what each item holds.
 
-Saves are asynchronous: the loop waits only for the device-to-host copy. A
-newest checkpoint that cannot be read is skipped with a warning in favour of
-the one before it.
+Every process of a job takes part in every save (`every_process_saves`),
+writing its own shards and its own host state; saves are asynchronous, and
+the loop waits only for the device-to-host copy. The chief of a training job
+claims the directory (`claim`), so a second trainer fails at start-up.
+
+A training job resumes from the newest readable checkpoint, skipping damaged
+ones with a warning. An eval job (any other mode) follows the "latest"
+series: `restore_path` picks a step, and `restore` loads exactly that step
+or raises `CheckpointUnavailableError` if it is gone, so no state is ever
+evaluated under another step's name.
 """
 
-from concurrent import futures
+import collections
 import os
 import tempfile
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, Optional
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import config_dict
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxline import checkpoint_format
+from jaxline import claim as claim_lib
 from jaxline import experiment as experiment_lib
-from jaxline import host_copy
+from jaxline import restore_checks
 from jaxline import serialization
 from jaxline import utils
 
-FORMAT_VERSION = 1
-
-# Orbax keeps one process-wide "current operation" for async saves, so two
-# saves in flight at once (the train thread's "latest" and the eval thread's
-# "best" in train_eval_multithreaded) corrupt each other. Every save in the
-# process therefore waits for all others to finish, under this lock.
+# Orbax names the barrier keys of a save after one process-wide "current
+# operation id" (`synchronization.OperationIdGenerator`), so two saves in
+# flight in one process (train_eval_multithreaded: the train thread's
+# "latest" and the eval thread's "best") would take each other's signals.
+# Every save therefore waits for all others to finish, under this lock.
 _SAVE_LOCK = threading.Lock()
-_PLACEHOLDER = "_no_arrays"
-# Attempts at listing a series that a writer is changing.
-_LIST_ATTEMPTS = 5
 _LIVE_CHECKPOINTERS = weakref.WeakSet()
+# Orbax lists a series with exists() then is_dir() on each step; a step that
+# a writer deletes in between makes the listing raise. Readers retry.
+_LIST_ATTEMPTS = 5
+_REFUSALS = (serialization.RestoreRefusedError,
+             restore_checks.CheckpointMismatchError)
+
+
+class CheckpointUnavailableError(RuntimeError):
+  """The step an eval job picked was deleted or cannot be read; skip it."""
 
 
 class _QuietOrbax(logging.logging.Filter):
@@ -79,32 +93,38 @@ def _ensure_writable(directory: str) -> None:
 class DiskCheckpointer(utils.Checkpointer):
   """Keeps the "latest" and "best" series on disk with Orbax.
 
-  Use it through `platform.create_checkpointer`, which picks it whenever
-  `config.checkpoint_dir` is set. Each series keeps
-  `config.max_checkpoints_to_keep` checkpoints.
+  `platform.create_checkpointer` picks it whenever `config.checkpoint_dir`
+  is set. Each series keeps `config.max_checkpoints_to_keep` checkpoints.
   """
+
+  # Saves are collective: `train` and `evaluate` call `save` on every process.
+  every_process_saves = True
 
   def __init__(self, config, mode: str, *, async_save: bool = True):
     self._root = os.path.join(config.checkpoint_dir, "checkpoints")
-    self._mode = mode
     self._max_to_keep = config.max_checkpoints_to_keep or None
     self._allow_pickle = bool(config.get("checkpoint_allow_pickle", False))
+    self._kwargs = restore_checks.flatten_config(
+        config.get("experiment_kwargs"))
     self._async = async_save
     self._follow = mode != "train"  # Readers look for new steps each time.
+    self._every = bool(config.get("eval_every_checkpoint", False))
     self._states: Dict[str, Any] = {}
     self._managers: Dict[str, ocp.CheckpointManager] = {}
-    self._bad_steps: Dict[str, Set[int]] = {}
+    self._bad = collections.defaultdict(set)  # Unreadable steps per series.
+    self._picked: Dict[str, int] = {}  # The step restore_path reported.
+    self._done: Dict[str, int] = {}  # The last step a reader restored.
+    self._pending = collections.defaultdict(set)  # Listed, not yet read.
     self._lock = threading.RLock()
     self._fixed_latest: Optional[tuple[str, int]] = None
-    self._reported_step: Dict[str, int] = {}
     self._latest_dir: Optional[str] = None
-    self._host_copy_pool = futures.ThreadPoolExecutor(
-        1, thread_name_prefix="jaxline_host_copy")
-    self._host_copy: Optional[futures.Future] = None
     eval_dir = config.get("eval_specific_checkpoint_dir", "")
     if mode != "train" and eval_dir:
       self._resolve_eval_dir(eval_dir)
     _ensure_writable(self._root)
+    self._claim = None
+    if mode == "train" and jax.process_index() == 0:
+      self._claim = claim_lib.acquire(self._root)
     _LIVE_CHECKPOINTERS.add(self)
     if not config.get("checkpoint_verbose_logs", False):
       quiet_orbax_info_logs()
@@ -135,29 +155,52 @@ class DiskCheckpointer(utils.Checkpointer):
                create: bool) -> Optional[ocp.CheckpointManager]:
     directory = self._series_dir(series)
     with self._lock:
-      manager = self._managers.get(directory)
-      if manager is not None:
-        return manager
-      if create:
+      if directory in self._managers:
+        return self._managers[directory]
+      read_only = self._follow and series == "latest"
+      if create and not read_only:
         os.makedirs(directory, exist_ok=True)
       elif not os.path.isdir(directory):
         return None
-      me = jax.process_index()
       options = ocp.CheckpointManagerOptions(
-          max_to_keep=self._max_to_keep,
-          enable_async_checkpointing=self._async,
-          create=False,
-          # Only the processes that save do so; no barriers with the others.
+          max_to_keep=self._max_to_keep, read_only=read_only, create=False,
+          enable_async_checkpointing=self._async)
+      host = ocp.JsonCheckpointHandler(
+          filename=checkpoint_format.host_filename(jax.process_index()),
+          # Every process writes its own file into the item.
           multiprocessing_options=ocp.options.MultiprocessingOptions(
-              primary_host=me, active_processes={me}))
-      # Orbax lists the steps as it starts, so it races with a writer too.
+              primary_host=None))
+      handlers = {"arrays": ocp.StandardCheckpointHandler(),
+                  "meta": ocp.JsonCheckpointHandler(), "host": host}
       manager = _retrying_listing(
           directory, lambda: ocp.CheckpointManager(
-              directory, options=options, item_names=("arrays", "meta")),
+              directory, options=options, item_handlers=handlers),
           fallback=None if create else "no checkpoint there yet")
       if manager is not None:
         self._managers[directory] = manager
+        if not read_only:
+          self._drop_linked_steps(manager, directory)
       return manager
+
+  def _drop_linked_steps(self, manager, directory: str) -> None:
+    """Unlinks step entries that are symbolic links (never their targets).
+
+    Jaxline never writes a link there; Orbax's rotation would call rmtree
+    on one and fail, and a restore would read outside `checkpoint_dir`.
+    """
+    links = [n for n in os.listdir(directory)
+             if os.path.islink(os.path.join(directory, n))]
+    for name in links:
+      logging.warning("%s is a symbolic link, which no checkpoint is; "
+                      "removing the link (its target is left alone).",
+                      os.path.join(directory, name))
+      if jax.process_index() == 0:
+        try:
+          os.unlink(os.path.join(directory, name))
+        except FileNotFoundError:
+          pass
+    if links:
+      manager.reload()
 
   def _steps(self, series: str) -> list[int]:
     if series == "latest" and self._fixed_latest:
@@ -167,11 +210,13 @@ class DiskCheckpointer(utils.Checkpointer):
       return []
     if self._follow:
       # Still changing after the retries: go on with the last listing (a step
-      # gone since fails to restore and is skipped), not end the job.
+      # gone since is skipped when read), not end the job.
       _retrying_listing(self._series_dir(series), manager.reload,
                         fallback="using the last listing")
-    bad = self._bad_steps.get(series, set())
-    return sorted(s for s in manager.all_steps() if s not in bad)
+    directory = self._series_dir(series)
+    return sorted(s for s in manager.all_steps()
+                  if s not in self._bad[series] and
+                  not os.path.islink(os.path.join(directory, str(s))))
 
   def get_experiment_state(self, ckpt_series: str):
     with self._lock:
@@ -179,123 +224,70 @@ class DiskCheckpointer(utils.Checkpointer):
         self._states[ckpt_series] = config_dict.ConfigDict()
       return self._states[ckpt_series]
 
-  def _snapshot(self, state) -> Dict[str, Any]:
-    nest = {}
-    for key, value in state.items():
-      if key == "experiment_module":
-        value = value.snapshot_state()
-      nest[key] = value
-    return nest
-
-  def _encode(self, state, series: str):
-    nest = self._snapshot(state)
-    attrs = {}
-    if "experiment_module" in state:
-      attrs = serialization.entry_attributes(state.experiment_module)
-    skeleton, arrays = {}, {}
-    for key, value in nest.items():
-      entries = value if key == "experiment_module" else {key: value}
-      for name, entry in entries.items():
-        where = (f"checkpoint entry {name!r} (attribute "
-                 f"{attrs.get(name, name)})" if key == "experiment_module"
-                 else f"state field {name!r}")
-        sk, arr = serialization.encode(entry, allow_pickle=self._allow_pickle,
-                                       path=where)
-        prefix = f"{key}/{name}/"
-        skeleton.setdefault(key, {})[name] = _prefix(sk, prefix)
-        arrays.update({prefix + k: v for k, v in arr.items()})
-    meta = {"format": FORMAT_VERSION, "series": series, "skeleton": skeleton}
-    return meta, arrays
-
   def save(self, ckpt_series: str) -> None:
     state = self._states[ckpt_series]  # KeyError: a series never created.
     step = int(state.global_step)
-    meta, arrays = self._encode(state, ckpt_series)
-    if jax.process_index() != 0:
-      self._save_host_copy(ckpt_series, step, meta, arrays)
-      return
+    args = checkpoint_format.encode_state(
+        state, series=ckpt_series, allow_pickle=self._allow_pickle,
+        experiment_kwargs=self._kwargs)
     manager = self._manager(ckpt_series, create=True)
     with _SAVE_LOCK, self._lock:
       for checkpointer in list(_LIVE_CHECKPOINTERS):
         checkpointer._wait_for_saves()  # pylint: disable=protected-access
-      bad = self._bad_steps.setdefault(ckpt_series, set())
+      self._drop_linked_steps(manager, self._series_dir(ckpt_series))
       if step in manager.all_steps():
-        # "latest" at a saved step holds the same state (e.g. the final save
-        # right after a periodic one). Other series ("best" re-evaluated
-        # with a better value) and unreadable checkpoints are replaced.
-        if ckpt_series == "latest" and step not in bad:
-          logging.info("Checkpoint %s at step %d already saved.", ckpt_series,
-                       step)
+        # "latest" at a saved step holds the same state (the final save right
+        # after a periodic one). "best" re-evaluated with a better value and
+        # unreadable checkpoints are replaced.
+        if ckpt_series == "latest" and step not in self._bad[ckpt_series]:
+          logging.info("Checkpoint %s at step %d already saved.",
+                       ckpt_series, step)
           return
-        manager.wait_until_finished()
         manager.delete(step)
-        bad.discard(step)
-      if not arrays:  # Orbax refuses an empty item.
-        arrays = {_PLACEHOLDER: np.zeros([1], np.uint8)}
-      manager.save(step, args=ocp.args.Composite(
-          arrays=ocp.args.StandardSave(arrays),
-          meta=ocp.args.JsonSave(meta)))
+        self._bad[ckpt_series].discard(step)
+      # force: Orbax would skip a step below its newest (after a fallback).
+      manager.save(step, args=ocp.args.Composite(**args), force=True)
+      if not self._async:
+        manager.wait_until_finished()
     logging.info("Saved checkpoint %s with id %s.", ckpt_series, step)
 
-  def _save_host_copy(self, series: str, step: int, meta: Dict[str, Any],
-                      arrays: Dict[str, np.ndarray]) -> None:
-    """Saves this process's own copy; see `host_copy` for why not Orbax.
-
-    Every process restores the chief's checkpoints, so that all resume at
-    the same step; these copies are each process's record of its state.
-    """
-    directory = os.path.join(self._root, f"process_{jax.process_index()}",
-                             series)
-    with self._lock:
-      self._wait_for_host_copy()
-      self._host_copy = self._host_copy_pool.submit(
-          host_copy.save, directory, step, meta, arrays,
-          replace=series != "latest", max_to_keep=self._max_to_keep)
-      if not self._async:
-        self._wait_for_host_copy()
-    logging.info("Saved checkpoint %s with id %s (this process's copy).",
-                 series, step)
-
-  def _wait_for_host_copy(self) -> None:
-    if self._host_copy is not None:
-      self._host_copy.result()  # Raises what the save raised.
-      self._host_copy = None
-
-  def _read(self, series: str, step: int) -> Dict[str, Any]:
-    manager = self._manager(series, create=False)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    meta = restored["meta"]
-    if meta.get("format") != FORMAT_VERSION:
-      raise ValueError(f"unknown checkpoint format {meta.get('format')!r}")
-    arrays = dict(restored["arrays"] or {})
-    nest = {}
-    for key, entries in meta["skeleton"].items():
-      values = {name: serialization.decode(sk, arrays,
-                                           allow_pickle=self._allow_pickle)
-                for name, sk in entries.items()}
-      nest[key] = values if key == "experiment_module" else values[key]
-    return nest
+  def _read(self, series: str, step: int, live) -> Dict[str, Any]:
+    return checkpoint_format.read_step(
+        self._manager(series, create=False), step,
+        os.path.join(self._series_dir(series), str(step)), live,
+        allow_pickle=self._allow_pickle, experiment_kwargs=self._kwargs)
 
   def restore(self, ckpt_series: str) -> None:
     live = self.get_experiment_state(ckpt_series)
-    steps = self._steps(ckpt_series)
-    # The eval loop asks restore_path first and records that path as
-    # evaluated: restore that step, not one committed since.
-    reported = self._reported_step.pop(ckpt_series, None)
-    if reported is not None:
-      steps = [s for s in steps if s <= reported]
-    for step in reversed(steps):
+    if self._follow and ckpt_series in self._picked:
+      step = self._picked.pop(ckpt_series)
       try:
-        nest = self._read(ckpt_series, step)
-      except serialization.RestoreRefusedError:
+        nest = self._read(ckpt_series, step, live)
+      except _REFUSALS:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        self._bad[ckpt_series].add(step)
+        self._pending[ckpt_series].discard(step)
+        raise CheckpointUnavailableError(
+            f"Checkpoint {ckpt_series} step {step} in "
+            f"{self._series_dir(ckpt_series)} can no longer be read "
+            f"({type(e).__name__}: {e}); training's rotation probably deleted "
+            "it (max_checkpoints_to_keep).") from e
+      self._apply(live, nest)
+      self._done[ckpt_series] = step
+      logging.info("Returned checkpoint %s with id %s.", ckpt_series, step)
+      return
+    for step in reversed(self._steps(ckpt_series)):
+      try:
+        nest = self._read(ckpt_series, step, live)
+      except _REFUSALS:
         raise  # Not damage: falling back would silently lose this run.
       except Exception as e:  # pylint: disable=broad-except
         logging.warning(
             "Checkpoint %s step %d in %s cannot be read (%s: %s); falling "
             "back to the one before it.", ckpt_series, step,
             self._series_dir(ckpt_series), type(e).__name__, e)
-        self._bad_steps.setdefault(ckpt_series, set()).add(step)
+        self._bad[ckpt_series].add(step)
         continue
       self._apply(live, nest)
       logging.info("Returned checkpoint %s with id %s.", ckpt_series, step)
@@ -304,31 +296,50 @@ class DiskCheckpointer(utils.Checkpointer):
                     self._series_dir(ckpt_series))
 
   def _apply(self, live, nest: Dict[str, Any]) -> None:
-    if "experiment_module" in live and "experiment_module" in nest:
-      serialization.check_snapshot_matches(live.experiment_module,
-                                           nest["experiment_module"])
     for key in list(live.keys()):
       if key not in nest:
         continue
-      value = nest[key]
-      if key == "experiment_module":
-        live.experiment_module.restore_from_snapshot(value)
-      elif (key == "train_step_rng" and value is not None and
+      if key == checkpoint_format.ENTRIES:
+        live.experiment_module.restore_from_snapshot(nest[key])
+      elif (key == "train_step_rng" and nest[key] is not None and
             not experiment_lib.is_sharded(live.get("experiment_module"))):
-        setattr(live, key, _per_device_keys(value))
+        live.train_step_rng = _per_device_keys(nest[key])
       else:
-        setattr(live, key, utils._with_live_type(live[key], value))  # pylint: disable=protected-access
+        setattr(live, key, utils._with_live_type(live[key], nest[key]))  # pylint: disable=protected-access
 
   def can_be_restored(self, ckpt_series: str) -> bool:
+    if self._follow and ckpt_series in self._picked:
+      return True  # The step restore_path picked (the same on every process).
     return bool(self._steps(ckpt_series))
 
   def restore_path(self, ckpt_series: str) -> Optional[str]:
     steps = self._steps(ckpt_series)
-    if not steps:
+    step = self._pick(ckpt_series, steps) if self._follow else (
+        steps[-1] if steps else None)
+    if self._follow and jax.process_count() > 1:
+      # Every process must evaluate the same step: the chief's pick.
+      step = int(multihost_utils.broadcast_one_to_all(
+          np.int64(-1 if step is None else step)))
+      step = None if step < 0 else step
+    if step is None:
       return None
     if self._follow:
-      self._reported_step[ckpt_series] = steps[-1]
-    return os.path.join(self._series_dir(ckpt_series), str(steps[-1]))
+      self._picked[ckpt_series] = step
+    return os.path.join(self._series_dir(ckpt_series), str(step))
+
+  def _pick(self, series: str, steps: list[int]) -> Optional[int]:
+    """The newest step; with eval_every_checkpoint the next one in order."""
+    done = self._done.get(series)
+    if not self._every:
+      return steps[-1] if steps else None
+    newer = [s for s in steps if done is None or s > done]
+    for gone in sorted(self._pending[series] - set(newer)):
+      logging.warning(
+          "Checkpoint %s step %d was deleted before this eval job reached "
+          "it (eval_every_checkpoint). Keep more with "
+          "config.max_checkpoints_to_keep, or evaluate faster.", series, gone)
+    self._pending[series] = set(newer)
+    return newer[0] if newer else done
 
   def _wait_for_saves(self) -> None:
     for manager in list(self._managers.values()):
@@ -338,14 +349,29 @@ class DiskCheckpointer(utils.Checkpointer):
     for manager in list(self._managers.values()):
       manager.wait_until_finished()
       manager.check_for_errors()
-    with self._lock:
-      self._wait_for_host_copy()
 
   def close(self) -> None:
-    self.wait_for_checkpointing_to_finish()
-    for manager in self._managers.values():
-      manager.close()
-    self._managers.clear()
+    try:
+      self.wait_for_checkpointing_to_finish()
+      for manager in self._managers.values():
+        manager.close()
+    finally:
+      self._managers.clear()
+      if self._claim is not None:
+        self._claim.release()
+        self._claim = None
+
+
+def _per_device_keys(value: Any) -> Any:
+  """Saved per-device key state, on this process's devices.
+
+  On another device count device 0's row goes to every device: exact for
+  the default `initialize_train_step_rng`, whose rows are all equal.
+  """
+  if (value.ndim and value.shape[0] == jax.local_device_count() and
+      value.sharding.device_set == set(jax.local_devices())):
+    return value
+  return utils.bcast_local_devices(value[0])
 
 
 def _retrying_listing(directory: str, list_steps: Callable[[], Any], *,
@@ -366,27 +392,3 @@ def _retrying_listing(directory: str, list_steps: Callable[[], Any], *,
         logging.warning("Cannot list %s (%s); %s.", directory, e, fallback)
         return None
       time.sleep(0.1 * (attempt + 1))
-
-
-def _prefix(skeleton: Any, prefix: str) -> Any:
-  """Namespaces array ids so that all entries share one flat array dict."""
-  if isinstance(skeleton, dict):
-    out = {k: _prefix(v, prefix) for k, v in skeleton.items()}
-    if "i" in skeleton and isinstance(skeleton["i"], str):
-      out["i"] = prefix + skeleton["i"]
-    return out
-  if isinstance(skeleton, list):
-    return [_prefix(v, prefix) for v in skeleton]
-  return skeleton
-
-
-def _per_device_keys(value: Any) -> Any:
-  """Saved per-device key state, on this process's devices.
-
-  On another device count, device 0's row is given to every device: exact
-  for the default `initialize_train_step_rng`, where all rows are equal.
-  """
-  if value.shape[0] == jax.local_device_count() and len(
-      value.sharding.device_set) == jax.local_device_count():
-    return value
-  return utils.bcast_local_devices(value[0])

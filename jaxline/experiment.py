@@ -112,6 +112,18 @@ class AbstractExperiment(abc.ABC):
           type(self).__name__)
     return snapshot
 
+  def abstract_snapshot_state(self) -> Optional[Mapping[str, Any]]:
+    """What `snapshot_state` would hold once lazily created state exists.
+
+    Optional. Return checkpoint name -> pytree of `jax.ShapeDtypeStruct`s
+    (device 0's slice in the pmap style; with shardings in the sharded
+    style, which restores then use), for example
+    `{"params": jax.eval_shape(self._init, rng)}`. A restore then checks
+    those entries' structure, shapes and dtypes as it does live values, so
+    a checkpoint of another model fails before any step.
+    """
+    return None
+
   def restore_from_snapshot(self, snapshot_state: Mapping[str, Any]) -> None:
     """Puts a snapshot's values back, per-device ones on every device."""
     maps = [(self.CHECKPOINT_ATTRS, True),

@@ -1,20 +1,30 @@
-"""Stopping training cleanly on SIGTERM or SIGINT.
+"""Stopping training cleanly on SIGTERM, SIGUSR1 or SIGINT.
 
-Schedulers preempt jobs with SIGTERM and a grace period. The signal handler
-only sets a flag; `StopOnSignal`, the last periodic action, turns it into a
-`Preempted` exception at the next step boundary, where the state is
-consistent. `train` then saves "latest", flushes the writer and returns, so
-the process exits 0 and a restart resumes from that step.
+Schedulers preempt jobs with SIGTERM (SLURM often with SIGUSR1 first) and a
+grace period. The signal handler only sets a flag; `StopOnSignal`, the last
+periodic action, turns it into a `Preempted` exception at the next step
+boundary, where the state is consistent. `train` then saves "latest",
+flushes the writer and returns, so the process exits 0 and a restart resumes
+from that step.
+
+In a job of several processes, all must save the same step, whichever of
+them was signalled. JAX's preemption sync point does that: its notifier owns
+SIGTERM, tells every process, and `reached_preemption_sync_point` returns
+True on all of them at one agreed step. SIGUSR1 and SIGINT are passed on to
+it as SIGTERM.
 """
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
 
 from absl import logging
+import jax
+from jax.experimental import multihost_utils
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class Preempted(Exception):
@@ -25,18 +35,39 @@ class Preempted(Exception):
     self.step = step
 
 
+def _uses_sync_point() -> bool:
+  """Whether JAX's preemption service runs (several processes, enabled)."""
+  if jax.process_count() <= 1:
+    return False
+  try:
+    multihost_utils.reached_preemption_sync_point(-1)
+  except RuntimeError:  # jax_enable_preemption_service is off.
+    logging.warning("JAX's preemption service is off: a signalled process "
+                    "stops alone, and its peers follow when it leaves.")
+    return False
+  return True
+
+
 class StopOnSignal:
-  """A periodic action that raises `Preempted` once `event` is set."""
+  """A periodic action that raises `Preempted` once `event` is set.
+
+  With several processes it asks JAX's sync point at every step instead,
+  which is True on every process at the same step.
+  """
 
   def __init__(self, event: threading.Event):
     self._event = event
+    self._sync = _uses_sync_point()
 
   def update_time(self, t: float, step: int) -> None:
     del t, step
 
   def __call__(self, t: float, step: int, scalar_outputs) -> None:
     del t, scalar_outputs
-    if self._event.is_set():
+    if self._sync:
+      if multihost_utils.reached_preemption_sync_point(step):
+        raise Preempted(step)
+    elif self._event.is_set():
       raise Preempted(step)
 
   def wait_to_finish(self) -> None:
@@ -45,7 +76,7 @@ class StopOnSignal:
 
 @contextlib.contextmanager
 def catch_signals(event: threading.Event) -> Iterator[threading.Event]:
-  """Sets `event` on SIGTERM/SIGINT while inside; main thread only.
+  """Sets `event` on SIGTERM/SIGUSR1/SIGINT while inside; main thread only.
 
   A second SIGINT falls through to the previous handler, so Ctrl-C twice
   still interrupts a run that is stuck before the next step boundary.
@@ -53,19 +84,25 @@ def catch_signals(event: threading.Event) -> Iterator[threading.Event]:
   if threading.current_thread() is not threading.main_thread():
     yield event
     return
-  previous = {s: signal.getsignal(s) for s in _SIGNALS}
+  forward = _uses_sync_point()
+  # JAX's notifier handles SIGTERM itself when it runs: leave it in place.
+  signals = [s for s in _SIGNALS if not (forward and s == signal.SIGTERM)]
+  previous = {s: signal.getsignal(s) for s in signals}
 
   def handler(signum, frame):
+    del frame
     if event.is_set() and signum == signal.SIGINT:
       signal.signal(signal.SIGINT, previous[signal.SIGINT])
       signal.raise_signal(signal.SIGINT)
       return
-    del frame
-    logging.warning("Received %s: stopping at the next step boundary.",
-                    signal.Signals(signum).name)
+    logging.warning("Received %s: stopping at the next step boundary%s.",
+                    signal.Signals(signum).name,
+                    ", with every process" if forward else "")
     event.set()
+    if forward:
+      os.kill(os.getpid(), signal.SIGTERM)
 
-  for s in _SIGNALS:
+  for s in signals:
     signal.signal(s, handler)
   try:
     yield event

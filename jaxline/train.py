@@ -17,9 +17,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import config_dict
 import numpy as np
 
+from jaxline import checkpointing
 from jaxline import experiment as experiment_lib
 from jaxline import preemption
 from jaxline import rng as rng_lib
@@ -45,7 +47,10 @@ def train(experiment_class: Callable[..., Any],
   """
   logging.info("Training with config:\n%s", config)
   is_chief = jax.process_index() == 0
-  is_checkpointer = config.train_checkpoint_all_hosts or is_chief
+  collective = _every_process_saves(checkpointer)
+  is_checkpointer = config.train_checkpoint_all_hosts or is_chief or collective
+  if collective and jax.process_count() > 1:
+    _check_save_steps_agree(config)
 
   train_key, init_key = rng_lib.train_and_init_keys(config)
   with utils.log_activity("experiment init"):
@@ -115,7 +120,8 @@ def evaluate(experiment_class: Callable[..., Any],
   evaluate_fn = utils.evaluate_should_return_dict(experiment.evaluate)
 
   track_best = bool(config.best_model_eval_metric) and bool(
-      config.best_checkpoint_all_hosts or jax.process_index() == 0)
+      config.best_checkpoint_all_hosts or jax.process_index() == 0 or
+      _every_process_saves(checkpointer))
   higher_is_better = config.best_model_eval_metric_higher_is_better
   if track_best:
     best_state = checkpointer.get_experiment_state("best")
@@ -164,7 +170,11 @@ def evaluate(experiment_class: Callable[..., Any],
           return
         continue
       else:
-        checkpointer.restore("latest")
+        try:
+          checkpointer.restore("latest")
+        except checkpointing.CheckpointUnavailableError as e:
+          logging.warning("%s Skipping it; looking for the next one.", e)
+          continue
 
       step_value = np.asarray(state.global_step, np.int32)
       global_step = (sharding.replicate(step_value) if sharded else
@@ -188,6 +198,24 @@ def evaluate(experiment_class: Callable[..., Any],
   finally:
     checkpointer.wait_for_checkpointing_to_finish()
     writers.flush_writer(writer)
+
+
+def _every_process_saves(checkpointer: Any) -> bool:
+  """Whether saves are collective (the disk checkpointer's are)."""
+  return bool(getattr(checkpointer, "every_process_saves", False))
+
+
+def _check_save_steps_agree(config) -> None:
+  """Collective saves need every process to save at the same step."""
+  interval_type = config.checkpoint_interval_type or config.interval_type
+  interval = config.save_checkpoint_interval
+  if interval is not None and interval > 0 and interval_type != "steps":
+    raise ValueError(
+        "In a job of several processes every process takes part in each "
+        "checkpoint save, so all must save at the same step; a time interval "
+        f"(interval_type {interval_type!r}) fires at different steps on each. "
+        "Set config.checkpoint_interval_type = 'steps' and "
+        "config.save_checkpoint_interval to a number of steps.")
 
 
 def _assign(state, name: str, value: Any) -> None:
@@ -318,6 +346,9 @@ def _maybe_save_best(config, checkpointer, experiment, state, best_state,
     raise ValueError(f"best_model_eval_metric {key!r} must be a scalar, got "
                      f"shape {value.shape}.")
   value = float(value.reshape(()))
+  if jax.process_count() > 1 and _every_process_saves(checkpointer):
+    # The save is collective: every process must take the same decision.
+    value = float(multihost_utils.broadcast_one_to_all(np.float64(value)))
   previous = best_state.best_eval_metric_value
   if config.best_model_eval_metric_higher_is_better:
     better = value > previous
