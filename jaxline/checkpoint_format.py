@@ -18,6 +18,7 @@ checkpoint against the experiment and to choose each array's target
 sharding, then with the arrays Orbax read straight onto those shardings.
 """
 
+import dataclasses
 import math
 import os
 from typing import Any, Dict, Mapping, Optional
@@ -205,20 +206,32 @@ def read_step(manager: ocp.CheckpointManager, step: int, step_dir: str,
     expected = restore_checks.expected_entries(experiment)
   else:
     expected = {}
-  targets = {}
-  for name, value in saved.items():
-    leaves = jax.tree_util.tree_leaves(
-        value, is_leaf=lambda x: isinstance(x, _SavedArray))
-    live_leaves = jax.tree_util.tree_leaves(expected.get(name))
+  targets, numpy_keys = {}, set()
+  fields = [dec(sk, saved_leaf) for sk in host["fields"].values()]
+  for name, value in list(saved.items()) + [(None, f) for f in fields]:
+    live_leaves = []
+    try:  # Paired with the live leaves, whose shardings win.
+      leaves = jax.tree_util.tree_leaves(
+          value, is_leaf=lambda x: isinstance(x, _SavedArray))
+      if name is not None:
+        live_leaves = jax.tree_util.tree_leaves(expected.get(name))
+    except (ValueError, TypeError):  # JAX cannot sort int and str dict keys.
+      leaves = _saved_arrays(value)
     if len(live_leaves) != len(leaves):
       live_leaves = [None] * len(leaves)
     for leaf, live_leaf in zip(leaves, live_leaves):
       if isinstance(leaf, _SavedArray) and "i" in leaf.node:
         targets[str(leaf.node["i"])] = _target(leaf.node, live_leaf, sharded)
+        if leaf.node["t"] in ("np", "npscalar"):
+          numpy_keys.add(str(leaf.node["i"]))
   abstract, total = {}, 0
   for key, found in stored.items():
-    target = targets.get(key) or _per_process_replicated()
     shape = serialization.shape_from_list(list(found.shape))
+    if key in numpy_keys:  # No sharding: Orbax gives numpy, saved dtype.
+      total += math.prod(shape) * np.dtype(found.dtype).itemsize
+      abstract[key] = jax.ShapeDtypeStruct(shape, found.dtype)
+      continue
+    target = targets.get(key) or _per_process_replicated()
     total += _host_bytes(shape, found.dtype, target)
     abstract[key] = jax.ShapeDtypeStruct(shape, found.dtype, sharding=target)
   if total > _memory_bytes():
@@ -252,6 +265,22 @@ def read_step(manager: ocp.CheckpointManager, step: int, step_dir: str,
                   for name, sk in host["entries"].items()})
   nest[ENTRIES] = entries
   return nest
+
+
+def _saved_arrays(value: Any) -> list:
+  """The SavedArray leaves of a decoded value, without sorting dict keys."""
+  found, todo = [], [value]
+  while todo:
+    x = todo.pop()
+    if isinstance(x, _SavedArray):
+      found.append(x)
+    elif isinstance(x, Mapping):
+      todo.extend(x.values())
+    elif isinstance(x, (list, tuple)):
+      todo.extend(x)
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+      todo.extend(vars(x).values())
+  return found
 
 
 def _read_host(step_dir: str, meta: Dict[str, Any]) -> Dict[str, Any]:

@@ -10,6 +10,7 @@ host). Eval jobs never claim: they only read.
 """
 
 import datetime
+import fcntl
 import json
 import os
 import socket
@@ -91,15 +92,27 @@ class Claim:
                      daemon=True).start()
 
   def _create(self) -> bool:
+    """Creates the file whole (a link of a written one): never seen empty."""
+    new = f"{self.path}.new-{os.getpid()}-{threading.get_ident()}"
+    with open(new, "w") as f:
+      json.dump(self._holder, f)
     try:
-      fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+      os.link(new, self.path)
     except FileExistsError:
       return False
-    with os.fdopen(fd, "w") as f:
-      json.dump(self._holder, f)
+    finally:
+      os.unlink(new)
     return True
 
   def _take_over_if_stale(self) -> None:
+    lock = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # One newcomer judges at a time.
+      self._take_over_locked()
+    finally:
+      os.close(lock)
+
+  def _take_over_locked(self) -> None:
     for _ in range(3):  # Another newcomer may take it over at the same time.
       try:
         with open(self.path) as f:

@@ -24,6 +24,7 @@ import dataclasses
 import math
 import pickle
 import sys
+import types
 from typing import Any, Callable, Dict, List, Optional
 
 import jax
@@ -64,7 +65,7 @@ def _is_namedtuple_class(cls: Any) -> bool:
 
 
 def _is_container_class(cls: Any) -> bool:
-  return isinstance(cls, type) and (
+  return issubclass(type(cls), type) and (
       _is_namedtuple_class(cls) or dataclasses.is_dataclass(cls) or
       issubclass(cls, collections.abc.Mapping))
 
@@ -99,7 +100,10 @@ def _find_class(name: str) -> type:
   module = sys.modules.get(module_name)
   obj: Any = module
   for part in qualname.split("."):
-    namespace = getattr(obj, "__dict__", None)  # Plain dicts: no hooks run.
+    # Only modules and classes, read without attribute hooks: a lazily
+    # loaded module (importlib.util.LazyLoader) would run on any getattr.
+    namespace = (object.__getattribute__(obj, "__dict__") if issubclass(
+        type(obj), (types.ModuleType, type)) else None)
     obj = namespace.get(part) if isinstance(
         namespace, (dict, type(vars(object)))) else None
   if module is None or not _is_container_class(obj):
