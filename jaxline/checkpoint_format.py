@@ -38,6 +38,8 @@ from jaxline import sharding as sharding_lib
 
 FORMAT_VERSION = 2
 ENTRIES = "experiment_module"
+# The step saved before this one in its series, for eval followers.
+PREVIOUS_STEP = "_previous_step"
 _PLACEHOLDER = "_no_arrays"
 _SavedArray = restore_checks.SavedArray
 
@@ -69,8 +71,8 @@ def _global(x: Any) -> Any:
 
 
 def encode_state(state: Mapping[str, Any], *, series: str,
-                 allow_pickle: bool,
-                 experiment_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+                 allow_pickle: bool, experiment_kwargs: Dict[str, Any],
+                 previous_step: Optional[int] = None) -> Dict[str, Any]:
   """The Composite arguments of one save, built the same on every process."""
   experiment = state.get(ENTRIES)
   snapshot = experiment.snapshot_state() if experiment is not None else {}
@@ -103,7 +105,8 @@ def encode_state(state: Mapping[str, Any], *, series: str,
           "process_count": jax.process_count(),
           "style": "sharded" if experiment_lib.is_sharded(experiment)
                    else "pmap",
-          "entries": entries, "experiment_kwargs": experiment_kwargs}
+          "entries": entries, "experiment_kwargs": experiment_kwargs,
+          "previous_step": previous_step}
   if not arrays:  # Orbax refuses an empty item.
     arrays[_PLACEHOLDER] = np.zeros([1], np.uint8)
   return {"arrays": ocp.args.StandardSave(arrays),
@@ -264,6 +267,7 @@ def read_step(manager: ocp.CheckpointManager, step: int, step_dir: str,
   entries.update({name: dec(sk, final_leaf)
                   for name, sk in host["entries"].items()})
   nest[ENTRIES] = entries
+  nest[PREVIOUS_STEP] = meta.get("previous_step")
   return nest
 
 

@@ -114,7 +114,6 @@ class DiskCheckpointer(utils.Checkpointer):
     self._bad = collections.defaultdict(set)  # Unreadable steps per series.
     self._picked: Dict[str, int] = {}  # The step restore_path reported.
     self._done: Dict[str, int] = {}  # The last step a reader restored.
-    self._pending = collections.defaultdict(set)  # Listed, not yet read.
     self._lock = threading.RLock()
     self._fixed_latest: Optional[tuple[str, int]] = None
     self._latest_dir: Optional[str] = None
@@ -227,10 +226,11 @@ class DiskCheckpointer(utils.Checkpointer):
   def save(self, ckpt_series: str) -> None:
     state = self._states[ckpt_series]  # KeyError: a series never created.
     step = int(state.global_step)
+    manager = self._manager(ckpt_series, create=True)
     args = checkpoint_format.encode_state(
         state, series=ckpt_series, allow_pickle=self._allow_pickle,
-        experiment_kwargs=self._kwargs)
-    manager = self._manager(ckpt_series, create=True)
+        experiment_kwargs=self._kwargs, previous_step=max(
+            (s for s in manager.all_steps() if s < step), default=None))
     with _SAVE_LOCK, self._lock:
       for checkpointer in list(_LIVE_CHECKPOINTERS):
         checkpointer._wait_for_saves()  # pylint: disable=protected-access
@@ -267,12 +267,12 @@ class DiskCheckpointer(utils.Checkpointer):
         raise
       except Exception as e:  # pylint: disable=broad-except
         self._bad[ckpt_series].add(step)
-        self._pending[ckpt_series].discard(step)
         raise CheckpointUnavailableError(
             f"Checkpoint {ckpt_series} step {step} in "
             f"{self._series_dir(ckpt_series)} can no longer be read "
             f"({type(e).__name__}: {e}); training's rotation probably deleted "
             "it (max_checkpoints_to_keep).") from e
+      self._warn_if_skipped(ckpt_series, nest)
       self._apply(live, nest)
       self._done[ckpt_series] = step
       logging.info("Returned checkpoint %s with id %s.", ckpt_series, step)
@@ -333,13 +333,19 @@ class DiskCheckpointer(utils.Checkpointer):
     if not self._every:
       return steps[-1] if steps else None
     newer = [s for s in steps if done is None or s > done]
-    for gone in sorted(self._pending[series] - set(newer)):
-      logging.warning(
-          "Checkpoint %s step %d was deleted before this eval job reached "
-          "it (eval_every_checkpoint). Keep more with "
-          "config.max_checkpoints_to_keep, or evaluate faster.", series, gone)
-    self._pending[series] = set(newer)
     return newer[0] if newer else done
+
+  def _warn_if_skipped(self, series: str, nest: Dict[str, Any]) -> None:
+    """With eval_every_checkpoint: the step saved before this one is gone."""
+    previous = nest.get(checkpoint_format.PREVIOUS_STEP)
+    done = self._done.get(series)
+    if self._every and previous is not None and (done is None or
+                                                 previous > done):
+      logging.warning(
+          "Checkpoint %s step %d was deleted before this eval job reached it "
+          "(eval_every_checkpoint), with any step before it%s. Keep more "
+          "with config.max_checkpoints_to_keep, or evaluate faster.", series,
+          previous, "" if done is None else f" after step {done}")
 
   def _wait_for_saves(self) -> None:
     for manager in list(self._managers.values()):
