@@ -6,6 +6,7 @@ the run is a single process, as before. Time-outs are short so that a dead or
 missing process fails the others with a clear error instead of a hang.
 """
 
+import atexit
 import os
 import sys
 import threading
@@ -22,6 +23,7 @@ WATCHDOG_INTERVAL_SECS = 5.0
 EXIT_CODE_PEER_LOST = 3
 _DONE_KEY = "jaxline/finished/{}"
 _finished = threading.Event()
+_watchdog: Optional[threading.Thread] = None
 
 
 def _cluster_detected() -> bool:
@@ -75,6 +77,9 @@ def initialize(coordinator_address: Optional[str] = None,
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   _start_watchdog()
+  # Runs before JAX's own atexit hook (registered when jax was imported), so
+  # the watchdog is stopped before JAX clears its backends.
+  atexit.register(shutdown)
   return True
 
 
@@ -110,6 +115,31 @@ def mark_finished() -> None:
     logging.warning("Could not tell the other processes this one finished.")
 
 
+def shutdown() -> None:
+  """Leaves the job in order at exit: watchdog released, then joined.
+
+  Left to JAX's atexit hook alone, the backends are cleared first and the
+  watchdog, blocked in `get_live_nodes` (a barrier that peers which already
+  finished no longer join), wakes when the shutdown barrier releases it and
+  runs on into interpreter finalization: the process aborts with
+  "terminate called after throwing an instance of ''". Here the barrier
+  releases it while Python still runs, and it is joined before exit.
+  """
+  global _watchdog
+  if not jax.distributed.is_initialized():
+    return
+  _finished.set()
+  try:
+    jax.distributed.shutdown()  # A barrier: waits for every process.
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("jax.distributed.shutdown failed: %s", e)
+  if _watchdog is not None:
+    _watchdog.join(timeout=WATCHDOG_INTERVAL_SECS + 5)
+    if _watchdog.is_alive():
+      logging.warning("The jax.distributed watchdog did not stop.")
+    _watchdog = None
+
+
 def _client():
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   return jax_distributed.global_state.client
@@ -143,6 +173,7 @@ def _start_watchdog() -> None:
     logging.warning("Cannot watch for dead processes on this JAX version.")
     return
   everyone = list(range(jax.process_count()))
+  me = jax.process_index()  # Not in the thread: it may (re)create backends.
 
   def watch():
     while not _finished.wait(WATCHDOG_INTERVAL_SECS):
@@ -155,7 +186,7 @@ def _start_watchdog() -> None:
               "(%s). Exiting instead of waiting forever; restart the job.", e)
         return
       missing = [i for i in sorted(set(everyone) - live)
-                 if i != jax.process_index() and not _is_finished(client, i)]
+                 if i != me and not _is_finished(client, i)]
       if missing and not _finished.is_set():
         _fail("Process(es) %s of %d stopped responding (died or hung). "
               "Exiting instead of waiting forever in a collective; restart "
@@ -163,4 +194,7 @@ def _start_watchdog() -> None:
               len(everyone))
         return
 
-  threading.Thread(target=watch, name="jaxline_watchdog", daemon=True).start()
+  global _watchdog
+  _watchdog = threading.Thread(target=watch, name="jaxline_watchdog",
+                               daemon=True)
+  _watchdog.start()
