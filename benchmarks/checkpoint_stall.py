@@ -1,45 +1,76 @@
-"""How long the training loop stalls while a ~100 MB checkpoint is saved.
+"""What a checkpoint save costs the training loop: stall and host memory.
 
-Runs jaxline's own loop (`train.train`) three times in one process, on one
-device, with the same experiment: a parameter array of `--size_mb` MB
-(float32, in `CHECKPOINT_ATTRS`) that every step rewrites in place (a
-jitted, donated update), so each step costs a steady few milliseconds and
-every save copies a changing array.
+Two experiments, each run through jaxline's own loop (`train.train`) with
+the real `DiskCheckpointer`, once with asynchronous saves and once with
+synchronous ones (`async_save=False`), saving every `--interval` steps:
+by default as many steps as take `--seconds_between_saves` (timed on a few
+steps first), so that an asynchronous write ends before the next save and
+the stall is the save's own, not a wait for the previous write.
 
-  none   no periodic saves: the steady step rate.
-  async  `DiskCheckpointer(config, "train", async_save=True)`, saving every
-         `--interval` steps: the loop waits for the device-to-host copy,
-         Orbax writes in the background.
-  sync   `DiskCheckpointer(..., async_save=False)`: the loop waits until
-         the checkpoint is committed on disk.
+  pmap  this process (one device on a CPU machine): a float32 parameter
+        array of `--size_mb` MB in `CHECKPOINT_ATTRS`, a copy on every
+        local device (pmap style).
+  fsdp  2 processes x 2 CPU devices (`checkpoint_stall_fsdp.py`, started
+        here with `jax.distributed` on 127.0.0.1), sharded style: the same
+        number of parameters as one [rows, 1024] array sharded over
+        `sharding.data_parallel_mesh()` with `P("data", None)`, so each
+        process holds half of it, and each process saves its own shards.
 
-A periodic action placed before jaxline's checkpoint action timestamps every
-step and looks for each save's step directory on disk, so it sees when the
-save was committed. Per mode the table gives:
+Every step rewrites the parameters in place (a jitted, donated update that
+keeps them uniformly random, so they never compress), so each step costs a
+steady few milliseconds and every save copies a changing array. The fsdp
+step also takes the parameters' global mean, a cross-process reduction
+that keeps the processes in step as FSDP's gathers do; without one the
+two loops drift apart and a save's barriers would absorb the drift.
 
-  save call      median time `checkpointer.save` took (the first save, which
-                 also creates the Orbax manager, is shown separately);
-  stall/save     median extra time of a step interval that holds a save,
-                 over the median step interval without one;
-  commit after   median time from the save call's return to the step
-                 directory appearing, seen at the next step's end (0 for
-                 sync: it is on disk when the call returns);
-  steps/s saving steps per second between a save call's return and its
-                 commit (async only: a sync save blocks the loop);
-  steps/s none   steps per second in intervals with no save in flight;
-  overall        steps per second over the whole timed run.
+A periodic action placed before jaxline's checkpoint action timestamps
+every step and looks for each save's step directory on disk, so it also
+sees when an asynchronous save was committed. Per process the table gives:
+
+  every         steps between saves;
+  step          median step interval with no save in flight (async run),
+                from the steps after the first half interval (which
+                compile and settle) that neither hold a save nor run while
+                an asynchronous one is being written;
+  commit        median time from an async save call's return to its step
+                directory appearing, seen at the next step's end;
+  stall         median extra time of a step interval that holds a save,
+                over the median interval with no save in flight, async and
+                sync, and async as a percentage of sync;
+  peak +MB      how much the process's peak resident memory grew during
+                one save: buffers of 1 MB or more are always returned to
+                the system when freed (`fix_mmap_threshold`), free heap
+                memory is handed back (`malloc_trim`) and the peak is reset
+                (`/proc/self/clear_refs`) just before the save; `VmHWM`
+                from `/proc/self/status` is read once the save has committed
+                (`wait_for_checkpointing_to_finish`) and the resident size
+                just before the save is subtracted. The final save of the
+                run is the one measured, so the wait stalls no timed step;
+  x own         that growth over the bytes of the process's own shards
+                (the whole array for pmap, half of it per fsdp process): a
+                process that gathered the whole model would show about 2
+                in the fsdp rows.
 
 Usage:
   python benchmarks/checkpoint_stall.py
-  python benchmarks/checkpoint_stall.py --size_mb 400 --saves 4
+  python benchmarks/checkpoint_stall.py --size_mb 1000 --cases pmap
 
-It prints the table and exits 0; it asserts nothing about timings. Runs in
-about a minute on a 2-core machine (the disk speed matters).
+It prints the table and asserts nothing about timings; it exits 1 only if
+an fsdp worker failed or outlived `--timeout`. The default run (100 MB)
+takes about 2 minutes on a 2-core machine; the disk speed and other load on
+the machine matter. `--size_mb 1000 --cases pmap` takes about 4 minutes
+there.
 """
 
 import argparse
+import ctypes
+import gc
+import json
+import math
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,14 +82,74 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 from absl import flags
 from absl import logging
 import jax
-import numpy as np
+import jax.numpy as jnp
 
 from jaxline import base_config
 from jaxline import checkpointing
+from jaxline import devices
 from jaxline import experiment
 from jaxline import train
-from jaxline import utils
 # pylint: enable=g-import-not-at-top,wrong-import-position
+
+MODES = ("async", "sync")
+# A worker prints its result as one line starting with this.
+RESULT_PREFIX = "CHECKPOINT_STALL_RESULT "
+_FSDP_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                            "checkpoint_stall_fsdp.py")
+
+
+def _status_kb(field):
+  """A `VmRSS`/`VmHWM` line of /proc/self/status, in kB (None off Linux)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+def _trim_heap():
+  """Returns freed heap memory to the system, so the baseline RSS is real.
+
+  Without it, memory a previous save freed but glibc kept would be reused by
+  the next save and hide from the peak.
+  """
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def fix_mmap_threshold():
+  """Makes glibc hand every freed buffer of 1 MB or more back at once.
+
+  By default glibc raises its mmap threshold as large buffers are freed
+  (up to 32 MB), then keeps freed ones for reuse, beyond `malloc_trim`'s
+  reach: a save could then reuse an earlier save's copy and its peak would
+  read low (by a shard at a time, varying from run to run). Call it before
+  anything large is allocated.
+  """
+  try:
+    ctypes.CDLL("libc.so.6").mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
+  except (OSError, AttributeError):
+    pass
+
+
+def _reset_peak():
+  """Resets VmHWM to the current RSS; False where the kernel refuses."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
+def rotate(x, shift=0.0):
+  """A new array of the same uniform randomness: x + 0.618... modulo 1."""
+  return jnp.mod(x + 0.6180339 + shift, 1.0)
 
 
 class _BigParams(experiment.AbstractExperiment):
@@ -70,13 +161,15 @@ class _BigParams(experiment.AbstractExperiment):
 
   def __init__(self, mode, init_rng=None):
     super().__init__(mode, init_rng)
-    count = self.SIZE_MB * 2**20 // 4
-    self._params = utils.bcast_local_devices(
-        {"w": np.zeros((count,), np.float32)})
+    shape = (jax.local_device_count(), self.SIZE_MB * 2**20 // 4)
+    # Random values (a constant array would compress to nothing on disk),
+    # made on the devices in the per-device layout.
+    self._params = {"w": jax.jit(
+        lambda: jax.random.uniform(jax.random.key(0), shape),
+        out_shardings=devices.per_device_sharding())()}
     self._steps = 0
-    self._update = jax.jit(
-        lambda p: jax.tree.map(lambda x: x * 0.999 + 0.001, p),
-        donate_argnums=0)
+    self._update = jax.jit(lambda p: jax.tree.map(rotate, p),
+                           donate_argnums=0)
 
   def step(self, *, global_step, rng, writer):
     self._params = self._update(self._params)
@@ -89,20 +182,38 @@ class _BigParams(experiment.AbstractExperiment):
 
 
 class _TimedCheckpointer(checkpointing.DiskCheckpointer):
-  """Records how long each `save` call blocks its caller."""
+  """Times each `save` call; measures host memory of the save at one step."""
 
-  def __init__(self, *args, clock, **kwargs):
+  def __init__(self, *args, clock, memory_step, **kwargs):
     super().__init__(*args, **kwargs)
     self.save_calls = []  # (global_step, start, end)
+    self.memory = None  # {"rss_mb", "peak_mb", "growth_mb"} of memory_step.
     self._clock = clock
+    self._memory_step = memory_step
 
   def save(self, ckpt_series):
+    step = self.get_experiment_state(ckpt_series).global_step
+    if step == self._memory_step:
+      self._measured_save(ckpt_series)
+      return
     start = time.perf_counter()
     super().save(ckpt_series)
     end = time.perf_counter()
-    step = self.get_experiment_state(ckpt_series).global_step
     self.save_calls.append((step, start, end))
     self._clock.poll(end)  # A synchronous save is on disk already.
+
+  def _measured_save(self, ckpt_series):
+    self.wait_for_checkpointing_to_finish()  # Earlier saves are not counted.
+    gc.collect()
+    _trim_heap()
+    reset = _reset_peak()
+    rss = _status_kb("VmRSS")
+    super().save(ckpt_series)
+    self.wait_for_checkpointing_to_finish()  # Committed on disk.
+    peak = _status_kb("VmHWM")
+    if reset and rss is not None and peak is not None:
+      self.memory = {"rss_mb": rss / 1024, "peak_mb": peak / 1024,
+                     "growth_mb": max(peak - rss, 0) / 1024}
 
 
 class _StepClock:
@@ -139,7 +250,31 @@ class _StepClock:
       time.sleep(0.005)
 
 
-def _config(directory, steps, interval):
+def choose_interval(experiment_class, size_mb, interval=0,
+                    seconds_between_saves=0.0):
+  """Steps between saves: `interval`, or enough steps for the seconds.
+
+  The default, `max(3, size_mb / 40)` seconds, leaves an asynchronous write
+  time to finish on a slow or busy disk. Every process of a job must then
+  agree on one value (collective saves).
+  """
+  if interval > 0:
+    return interval
+  seconds = seconds_between_saves or max(3.0, size_mb / 40)
+  trial = experiment_class("train")
+  for _ in range(5):  # Compile and settle.
+    trial.step(global_step=None, rng=None, writer=None)
+  times = []
+  for _ in range(30):
+    start = time.perf_counter()
+    trial.step(global_step=None, rng=None, writer=None)
+    times.append(time.perf_counter() - start)
+  del trial
+  gc.collect()
+  return max(10, math.ceil(seconds / statistics.median(times)))
+
+
+def _config(directory, steps, interval, style):
   config = base_config.get_base_config()
   config.checkpoint_dir = directory
   config.training_steps = steps
@@ -148,126 +283,234 @@ def _config(directory, steps, interval):
   config.log_tensors_interval = None
   config.log_train_data_interval = None
   config.max_checkpoints_to_keep = 2
+  config.experiment_style = style
   return config
 
 
-def _run(mode, args, root):
-  """One training run; returns its measurements."""
-  directory = os.path.join(root, mode)
-  warmup = args.interval  # Compile and settle before the first save.
-  steps = warmup + args.interval * args.saves + args.interval // 2
-  interval = -1 if mode == "none" else args.interval
-  config = _config(directory, steps, interval)
-  clock = _StepClock(os.path.join(directory, "checkpoints", "latest"))
-  checkpointer = _TimedCheckpointer(config, "train", clock=clock,
-                                    async_save=(mode != "sync"))
+def run(experiment_class, mode, *, saves, interval, root, style="pmap"):
+  """One training run in `mode` ("async" or "sync"); its measurements.
 
-  saved_steps = set(range(interval, steps + 1, interval)) if interval > 0 else (
-      set())
+  Every process of a multi-process job calls it with the same arguments.
+  """
+  directory = os.path.join(root, mode)
+  warmup = interval  # Compile, settle and time quiet steps first.
+  steps = interval * saves + interval // 2  # Saves at interval, 2 interval...
+  config = _config(directory, steps, interval, style)
+  clock = _StepClock(os.path.join(directory, "checkpoints", "latest"))
+  # The final save (train.train's, at a step no periodic save used).
+  checkpointer = _TimedCheckpointer(config, "train", clock=clock,
+                                    memory_step=steps,
+                                    async_save=(mode == "async"))
+
+  saved_steps = set(range(interval, steps + 1, interval))
   for step in saved_steps:
     clock.expect(step)
-  start = time.perf_counter()
-  train.train(_BigParams, config, checkpointer, None,
+  train.train(experiment_class, config, checkpointer, None,
               periodic_actions=(clock,))
   clock.wait_to_finish()
-  total = time.perf_counter() - start
+  checkpointer.close()
 
   # Step intervals: times[s] - times[s - 1] is step s's duration, plus the
-  # save made right after step s - 1 if there was one.
+  # save made right after step s - 1 if there was one. The steps before the
+  # first save, once compiled, are quiet ones even if every asynchronous
+  # save is still being written when the next one starts.
   ordered = sorted(clock.times)
   gaps = {s: clock.times[s] - clock.times[s - 1] for s in ordered
-          if s - 1 in clock.times and s > warmup}
+          if s - 1 in clock.times and s > warmup // 2}
   save_calls = [c for c in checkpointer.save_calls if c[0] in saved_steps]
   saving_gaps = [gaps[s + 1] for s, _, _ in save_calls if s + 1 in gaps]
   in_flight = set()
   for s, _, end in save_calls:
     commit = clock.commits.get(s, end)
-    in_flight |= {t for t in ordered if t > s and
-                  clock.times[t] <= commit}
-  quiet_gaps = [g for s, g in gaps.items()
-                if s - 1 not in saved_steps and s not in in_flight]
-  quiet = statistics.median(quiet_gaps)
-
-  commits, rates = [], []
-  for s, _, end in save_calls:
-    commit = clock.commits.get(s)
-    if commit is None:
-      continue
-    commits.append(max(commit - end, 0.0))
-    done = [t for t in ordered if end < clock.times[t] <= commit]
-    if mode == "async" and commit > end:
-      rates.append(len(done) / (commit - end))
-  timed = [s for s in ordered if s > warmup]
-  overall = (len(timed) - 1) / (clock.times[timed[-1]] - clock.times[timed[0]])
-  calls = [end - begin for _, begin, end in save_calls]
+    in_flight |= {t for t in ordered if t > s and clock.times[t] <= commit}
+  quiet = statistics.median(
+      g for s, g in gaps.items()
+      if s - 1 not in saved_steps and s not in in_flight)
+  commits = [max(clock.commits[s] - end, 0.0) for s, _, end in save_calls
+             if s in clock.commits]
+  memory = checkpointer.memory or {}
   return {
       "mode": mode,
+      "interval": interval,
       "saves": len(save_calls),
-      "first_call": calls[0] if calls else None,
-      "call": statistics.median(calls[1:] or calls) if calls else None,
-      "stall": (statistics.median(saving_gaps) - quiet) if saving_gaps
-               else None,
-      "commit": statistics.median(commits) if commits else None,
-      "rate_saving": statistics.mean(rates) if rates else None,
-      "rate_quiet": 1.0 / quiet,
-      "overall": overall,
       "step_ms": quiet * 1e3,
-      "total": total,
+      "stall_ms": ((statistics.median(saving_gaps) - quiet) * 1e3
+                   if saving_gaps else None),
+      "call_ms": (statistics.median(e - b for _, b, e in save_calls) * 1e3
+                  if save_calls else None),
+      "commit_ms": statistics.median(commits) * 1e3 if commits else None,
+      "rss_mb": memory.get("rss_mb"),
+      "peak_mb": memory.get("peak_mb"),
+      "growth_mb": memory.get("growth_mb"),
   }
 
 
-def _ms(value):
-  return "-" if value is None else f"{value * 1e3:8.1f}"
+def summarize(case, process, model_mb, own_mb, results):
+  """One table row (a dict) from a process's async and sync results."""
+  by_mode = {r["mode"]: r for r in results}
+  row = {"case": case, "process": process, "model_mb": model_mb,
+         "own_mb": own_mb, "step_ms": by_mode["async"]["step_ms"],
+         "interval": by_mode["async"]["interval"]}
+  for mode in MODES:
+    row[f"stall_{mode}_ms"] = by_mode[mode]["stall_ms"]
+    row[f"growth_{mode}_mb"] = by_mode[mode]["growth_mb"]
+    row[f"rss_{mode}_mb"] = by_mode[mode]["rss_mb"]
+  row["commit_async_ms"] = by_mode["async"]["commit_ms"]
+  row["interval_ms"] = row["step_ms"] * row["interval"]
+  return row
 
 
-def _rate(value):
-  return "-" if value is None else f"{value:8.1f}"
+def _run_pmap(args, root):
+  _BigParams.SIZE_MB = args.size_mb
+  interval = choose_interval(_BigParams, args.size_mb, args.interval,
+                             args.seconds_between_saves)
+  results = []
+  for mode in MODES:
+    print(f"pmap: running {mode}, a save every {interval} steps ...",
+          flush=True)
+    results.append(run(_BigParams, mode, saves=args.saves,
+                       interval=interval,
+                       root=os.path.join(root, "pmap")))
+  size = args.size_mb * jax.local_device_count()  # Held per device.
+  return [summarize(f"pmap 1x{jax.local_device_count()}", 0, args.size_mb,
+                    size, results)]
 
 
-def _print_table(results, args):
+def _free_port():
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _run_fsdp(args, root, processes=2, devices=2):
+  """Starts the fsdp workers; their table rows, or None if one failed."""
+  print(f"fsdp: running async and sync in {processes} processes ...",
+        flush=True)
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONUNBUFFERED"] = "1"
+  address = f"127.0.0.1:{_free_port()}"
+  directory = os.path.join(root, "fsdp")
+  workers = []
+  for i in range(processes):
+    log = open(os.path.join(root, f"fsdp_{i}.log"), "w+")
+    command = [sys.executable, _FSDP_WORKER, f"--size_mb={args.size_mb}",
+               f"--saves={args.saves}", f"--interval={args.interval}",
+               f"--seconds_between_saves={args.seconds_between_saves}",
+               f"--dir={directory}", f"--coordinator={address}",
+               f"--num_processes={processes}", f"--process_id={i}"]
+    workers.append((subprocess.Popen(command, env=env, stdout=log,
+                                     stderr=subprocess.STDOUT,
+                                     start_new_session=True), log))
+  deadline = time.monotonic() + args.timeout
+  rows, failed = [], False
+  for i, (process, log) in enumerate(workers):
+    try:
+      code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      process.kill()
+      process.wait()
+      code = f"killed after {args.timeout} s"
+    log.seek(0)
+    output = log.read()
+    log.close()
+    lines = [l for l in output.splitlines() if l.startswith(RESULT_PREFIX)]
+    if code != 0 or not lines:
+      failed = True
+      print(f"fsdp process {i} failed ({code}); its output ends:\n"
+            f"{output[-3000:]}", file=sys.stderr)
+      continue
+    rows.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
+  return None if failed else rows
+
+
+def _num(value, spec):
+  return "-" if value is None else format(value, spec)
+
+
+def _print_table(rows, args):
+  """One table of every case and process, then what the chief's peak was."""
   print()
-  print(f"Checkpoint of {args.size_mb} MB (float32 params), one save every "
-        f"{args.interval} steps, {args.saves} timed saves, on "
-        f"{jax.devices()[0].platform} ({jax.local_device_count()} device).")
-  header = (f"{'mode':6} {'saves':>5} {'1st call':>9} {'save call':>9} "
-            f"{'stall/save':>10} {'commit after':>12} {'steps/s saving':>14} "
-            f"{'steps/s none':>12} {'overall':>8}")
+  print(f"Checkpoint of {args.size_mb} MB of float32 params, {args.saves} "
+        "saves per run, jaxline's DiskCheckpointer in train.train.")
+  header = (f"{'case':9} {'proc':>4} {'model MB':>8} {'own MB':>6} "
+            f"{'every':>5} {'step ms':>7} {'commit ms':>9} {'stall async':>11} "
+            f"{'stall sync':>10} {'async/sync':>10} {'peak +MB async':>14} "
+            f"{'peak +MB sync':>13} {'x own async':>11} {'x own sync':>10}")
   print(header)
   print("-" * len(header))
-  for r in results:
-    print(f"{r['mode']:6} {r['saves']:>5} {_ms(r['first_call']):>9} "
-          f"{_ms(r['call']):>9} {_ms(r['stall']):>10} "
-          f"{_ms(r['commit']):>12} {_rate(r['rate_saving']):>14} "
-          f"{_rate(r['rate_quiet']):>12} {_rate(r['overall']):>8}")
-  print("(times in ms; a step without a save takes about "
-        f"{results[0]['step_ms']:.1f} ms)")
-  by_mode = {r["mode"]: r for r in results}
-  async_stall, sync_stall = by_mode["async"]["stall"], by_mode["sync"]["stall"]
-  if async_stall is not None and sync_stall is not None:
-    ratio = sync_stall / max(async_stall, 1e-9)
-    print(f"async stalls the loop {async_stall * 1e3:.0f} ms per save, sync "
-          f"{sync_stall * 1e3:.0f} ms ({ratio:.1f}x).")
+  for r in rows:
+    stall_a, stall_s = r["stall_async_ms"], r["stall_sync_ms"]
+    ratio = (100 * stall_a / stall_s if None not in (stall_a, stall_s) and
+             stall_s > 0 else None)
+    grow_a, grow_s = r["growth_async_mb"], r["growth_sync_mb"]
+    own = r["own_mb"]
+    print(f"{r['case']:9} {r['process']:>4} {r['model_mb']:>8} "
+          f"{_num(own, '.0f'):>6} {r['interval']:>5} "
+          f"{_num(r['step_ms'], '.1f'):>7} "
+          f"{_num(r['commit_async_ms'], '.0f'):>9} "
+          f"{_num(stall_a, '.1f'):>11} {_num(stall_s, '.1f'):>10} "
+          f"{_num(ratio, '.0f') + ' %':>10} {_num(grow_a, '.1f'):>14} "
+          f"{_num(grow_s, '.1f'):>13} "
+          f"{_num(None if grow_a is None else grow_a / own, '.2f'):>11} "
+          f"{_num(None if grow_s is None else grow_s / own, '.2f'):>10}")
+  print("every: steps between saves; step: ms per step with no save in "
+        "flight; commit: ms from an async save call's return to its step "
+        "directory on disk; stall: extra ms of a step interval holding a "
+        "save; peak +MB: growth of the process's peak RSS during one save, "
+        "until committed; x own: that growth over the process's own "
+        "shards.")
+  for r in rows:
+    commit = r["commit_async_ms"]
+    if commit is not None and commit > r["interval_ms"]:
+      print(f"{r['case']} process {r['process']}: an async write ({commit:.0f}"
+            f" ms) outlasts {r['interval']} steps ({r['interval_ms']:.0f} ms),"
+            " so each async save first waits for the previous one; raise "
+            "--seconds_between_saves to see the async stall alone.")
+  for r in rows:
+    if r["case"].startswith("fsdp") and r["process"] == 0:
+      for mode in MODES:
+        growth = r[f"growth_{mode}_mb"]
+        if growth is not None:
+          print(f"fsdp chief, {mode}: its peak grows by {growth:.0f} MB = "
+                f"{growth / r['own_mb']:.2f}x its own shards "
+                f"({r['own_mb']:.0f} MB), {growth / r['model_mb']:.2f}x the "
+                f"model ({r['model_mb']} MB).")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--size_mb", type=int, default=100)
-  parser.add_argument("--saves", type=int, default=5)
-  parser.add_argument("--interval", type=int, default=20,
-                      help="steps between saves")
+  parser.add_argument("--saves", type=int, default=4)
+  parser.add_argument("--interval", type=int, default=0,
+                      help="steps between saves (default: from "
+                      "--seconds_between_saves)")
+  parser.add_argument("--seconds_between_saves", type=float, default=0.0,
+                      help="default: max(3, size_mb / 40)")
+  parser.add_argument("--cases", default="pmap,fsdp",
+                      help="comma-separated: pmap, fsdp")
+  parser.add_argument("--timeout", type=float, default=600,
+                      help="seconds the fsdp workers may take")
   parser.add_argument("--dir", default="",
                       help="where to write (default: a temporary directory)")
   args = parser.parse_args()
+  fix_mmap_threshold()
   flags.FLAGS.mark_as_parsed()
   logging.set_verbosity(logging.WARNING)
-  _BigParams.SIZE_MB = args.size_mb
+  cases = args.cases.split(",")
 
+  rows, failed = [], False
   with tempfile.TemporaryDirectory(dir=args.dir or None) as root:
-    results = []
-    for mode in ("none", "async", "sync"):
-      print(f"running {mode} ...", flush=True)
-      results.append(_run(mode, args, root))
-  _print_table(results, args)
+    if "pmap" in cases:
+      rows += _run_pmap(args, root)
+    if "fsdp" in cases:
+      fsdp = _run_fsdp(args, root)
+      failed = fsdp is None
+      rows += fsdp or []
+  _print_table(rows, args)
+  if failed:
+    sys.exit("The fsdp case failed; see its output above.")
 
 
 if __name__ == "__main__":
