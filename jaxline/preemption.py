@@ -15,6 +15,7 @@ it as SIGTERM.
 """
 
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -35,8 +36,13 @@ class Preempted(Exception):
     self.step = step
 
 
+@functools.lru_cache(maxsize=None)
 def _uses_sync_point() -> bool:
-  """Whether JAX's preemption service runs (several processes, enabled)."""
+  """Whether JAX's preemption service runs (several processes, enabled).
+
+  Probed once per process: JAX's sync protocol gives up for good when a
+  notice finds every step counter still at the probe's -1.
+  """
   if jax.process_count() <= 1:
     return False
   try:
@@ -60,7 +66,9 @@ class StopOnSignal:
     self._sync = _uses_sync_point()
 
   def update_time(self, t: float, step: int) -> None:
-    del t, step
+    del t
+    if self._sync:  # The starting step, so a notice in the first step counts.
+      multihost_utils.reached_preemption_sync_point(step)
 
   def __call__(self, t: float, step: int, scalar_outputs) -> None:
     del t, scalar_outputs
