@@ -3,9 +3,9 @@
 Every process runs `tests/testdata/multihost_experiment.py` (or
 `multihost_helpers.py`) with the same flags and its own
 `--jaxline_process_id`, with 2 CPU devices each and JAX's default CPU
-collectives (gloo). The coordinator port is a free one, found by binding
-port 0. Each process is its own process group, killed at the end of the test
-whatever happens; every wait has a deadline.
+collectives (gloo), started by `multiprocess_job.Job`: a free coordinator
+port, each process its own process group, killed at the end of the test
+whatever happens, and a deadline on every wait.
 
 The experiment's loss is a mean over a global batch that each process holds
 one slice of, so it depends on every host's data; runs are compared with a
@@ -13,7 +13,6 @@ single process over the same global batch. Each process appends what `step`
 and `evaluate` saw to `<record_dir>/<mode>_p<i>.jsonl`.
 """
 
-import contextlib
 import glob
 import importlib.util
 import json
@@ -21,9 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import jax
@@ -32,15 +28,10 @@ import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing import event_file_loader
 
-from conftest import subprocess_env
-from jaxline import host_copy
+import multiprocess_job as jobs
 
-_TESTDATA = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                         "testdata")
-_EXPERIMENT = os.path.join(_TESTDATA, "multihost_experiment.py")
-_HELPERS = os.path.join(_TESTDATA, "multihost_helpers.py")
-_DEVICES_PER_PROCESS = 2
-_RUN_TIMEOUT_SECS = 150
+_EXPERIMENT = os.path.join(jobs.TESTDATA, "multihost_experiment.py")
+_HELPERS = os.path.join(jobs.TESTDATA, "multihost_helpers.py")
 _SEED = 42
 _REFERENCE_STEPS = 10
 _TRAIN_STEPS = 6
@@ -69,99 +60,11 @@ def _load_experiment_module():
   return module
 
 
-def _free_port():
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-class _Job:
-  """Processes of one multi-process (or single-process) run.
-
-  Output goes to one log file per process. Leaving the `with` block kills
-  every process still alive (SIGKILL to its process group).
-  """
-
-  def __init__(self, log_dir, name, script, args, num_processes,
-               start_ids=None, distributed=True):
-    self.log_dir = str(log_dir)
-    self.name = name
-    self.script = script
-    self.args = list(args)
-    self.num_processes = num_processes
-    self.start_ids = (list(range(num_processes)) if start_ids is None
-                      else list(start_ids))
-    self.distributed = distributed
-    self.processes = {}
-    self._files = []
-
-  def log_path(self, process_id):
-    return os.path.join(self.log_dir, f"{self.name}_log{process_id}.txt")
-
-  def start(self):
-    port = _free_port()
-    for i in self.start_ids:
-      flags = []
-      if self.distributed:
-        flags = [f"--jaxline_coordinator_address=127.0.0.1:{port}",
-                 f"--jaxline_num_processes={self.num_processes}",
-                 f"--jaxline_process_id={i}"]
-      log = open(self.log_path(i), "w")
-      self._files.append(log)
-      self.processes[i] = subprocess.Popen(
-          [sys.executable, self.script] + self.args + flags, cwd=_TESTDATA,
-          env=subprocess_env(_DEVICES_PER_PROCESS), stdout=log,
-          stderr=subprocess.STDOUT, start_new_session=True)
-    return self
-
-  def output(self, process_id):
-    with open(self.log_path(process_id), errors="replace") as f:
-      return f.read()
-
-  def outputs(self):
-    return {i: self.output(i) for i in self.processes}
-
-  def wait(self, timeout=_RUN_TIMEOUT_SECS):
-    """Waits for every process; returns {process id: return code}."""
-    deadline = time.monotonic() + timeout
-    codes = {}
-    for i, process in self.processes.items():
-      try:
-        codes[i] = process.wait(timeout=max(0.1, deadline - time.monotonic()))
-      except subprocess.TimeoutExpired:
-        self.kill()
-        pytest.fail(f"{self.name}: process {i} still running after "
-                    f"{timeout}s.\n{self.describe()}")
-    return codes
-
-  def kill(self, process_id=None):
-    ids = self.processes if process_id is None else [process_id]
-    for i in ids:
-      process = self.processes[i]
-      if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-          os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-  def describe(self, tail=4000):
-    return "\n".join(f"--- {self.name} process {i} (pid {p.pid}, rc "
-                     f"{p.poll()}) ---\n{self.output(i)[-tail:]}"
-                     for i, p in self.processes.items())
-
-  def __enter__(self):
-    return self.start()
-
-  def __exit__(self, *exc):
-    self.kill()
-    for f in self._files:
-      f.close()
-
-
 def _run_job(log_dir, name, args, num_processes, script=_EXPERIMENT,
              distributed=True):
   """Runs a job to the end; every process must succeed. Returns outputs."""
-  with _Job(log_dir, name, script, args, num_processes,
-            distributed=distributed) as job:
+  with jobs.Job(log_dir, name, script, args, num_processes,
+                distributed=distributed) as job:
     codes = job.wait()
     assert all(c == 0 for c in codes.values()), job.describe()
     return job.outputs(), {i: p.pid for i, p in job.processes.items()}
@@ -312,14 +215,11 @@ def test_unique_host_keys_differ_across_hosts(two_processes, reference):
     assert records[0][step]["keys"] == reference[step]["keys"]
 
 
-def test_only_the_chief_writes_checkpoints_and_logs(two_processes):
+def test_every_process_saves_and_only_the_chief_logs(two_processes):
   outputs = two_processes["outputs"]
-  assert _SAVED in outputs[0]
-  assert _SAVED not in outputs[1]
-  checkpoint_dir = str(two_processes["checkpoint_dir"])
-  written = [os.path.relpath(p, checkpoint_dir) for p in glob.glob(
-      os.path.join(checkpoint_dir, "**"), recursive=True)]
-  assert not [p for p in written if "process_1" in p], written
+  for i in (0, 1):  # Saves are collective: each writes its own part.
+    assert re.findall(r"Saved checkpoint latest with id (\d+)\.",
+                      outputs[i]) == ["2", "4", "6"]
   # Every TensorBoard summary comes from the chief.
   chief_pid = two_processes["pids"][0]
   data = {}
@@ -430,8 +330,9 @@ def test_checkpoint_restores_in_a_single_process(two_processes, reference,
                              _losses(reference[_TRAIN_STEPS:]), rtol=1e-5)
 
 
-def test_train_checkpoint_all_hosts_saves_on_every_process(tmp_path):
-  with _Job(tmp_path, "all_hosts", _EXPERIMENT, _experiment_args(
+def test_every_process_writes_its_part_of_each_checkpoint(tmp_path):
+  # With or without train_checkpoint_all_hosts: saves are collective.
+  with jobs.Job(tmp_path, "all_hosts", _EXPERIMENT, _experiment_args(
       tmp_path, checkpoint_dir=tmp_path / "ckpt", extra=[
           "--config.training_steps=2",
           "--config.train_checkpoint_all_hosts=True"]), 2) as job:
@@ -440,20 +341,24 @@ def test_train_checkpoint_all_hosts_saves_on_every_process(tmp_path):
   assert codes == {0: 0, 1: 0}, job.describe()
   for i in (0, 1):
     assert _SAVED in outputs[i]
-  # The chief's Orbax checkpoint, and process 1's own copy beside it.
   root = tmp_path / "ckpt" / "checkpoints"
-  assert sorted(os.listdir(root)) == ["latest", "process_1"]
+  assert sorted(os.listdir(root)) == ["latest"]  # The claim was released.
+  step = root / "latest" / "2"
+  assert sorted(os.listdir(step / "host")) == [
+      "commit_success.txt", "process_0.json", "process_1.json"]
+  hosts = [json.loads((step / "host" / f"process_{i}.json").read_text())
+           for i in (0, 1)]
+  # Each process recorded its own host state (its own step count).
+  assert [h["process_index"] for h in hosts] == [0, 1]
+  assert all(h["fields"]["global_step"] == {"t": "py", "v": 2}
+             for h in hosts)
+  meta = json.loads((step / "meta" / "metadata").read_text())
+  assert meta["process_count"] == 2 and "params" in meta["entries"]
   with ocp.StandardCheckpointer() as reader:
-    chief = reader.restore(root / "latest" / "2" / "arrays")
-  chief_meta = json.loads((root / "latest" / "2" / "meta" / "metadata")
-                          .read_text())
-  meta, arrays = host_copy.load(str(root / "process_1" / "latest" / "2"))
-  assert meta == chief_meta
-  assert sorted(arrays) == sorted(chief)
-  assert any(k.startswith("experiment_module/params/") for k in arrays)
-  for key, value in arrays.items():
-    if not key.startswith("train_step_rng/"):  # Each host has its keys.
-      np.testing.assert_array_equal(value, chief[key], err_msg=key)
+    arrays = reader.metadata(step / "arrays").item_metadata
+  arrays = getattr(arrays, "tree", arrays)
+  referenced = re.findall(r'"i": "(\d+)"', json.dumps(meta["entries"]))
+  assert referenced and sorted(arrays) == sorted(set(referenced))
 
 
 # ---------------------------------------------------------------------------
@@ -472,7 +377,7 @@ def test_four_processes(tmp_path, reference):
     np.testing.assert_allclose(_losses(records),
                                _losses(reference[:_TRAIN_STEPS]), rtol=1e-5)
     keys.update(tuple(k) for k in records[0]["keys"])
-    assert (_SAVED in outputs[i]) == (i == 0)
+    assert _SAVED in outputs[i]  # Every process writes its part.
     assert _RENDEZVOUS_DONE in outputs[i]
   assert len(keys) == 8  # Every device of every host has its own key.
 
@@ -506,46 +411,19 @@ def test_sharded_style_across_processes(tmp_path, reference):
 # Failures: a dead process, and processes that never connect.
 
 
-def _wait_for_text(job, process_id, text, timeout):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    if text in job.output(process_id):
-      return
-    if job.processes[process_id].poll() is not None:
-      pytest.fail(f"process {process_id} ended before {text!r}.\n"
-                  f"{job.describe()}")
-    time.sleep(0.1)
-  pytest.fail(f"no {text!r} from process {process_id} in {timeout}s.\n"
-              f"{job.describe()}")
-
-
-def _exit_times(job, process_ids, timeout):
-  """Polls until the processes end; returns {id: time.monotonic() at exit}."""
-  deadline = time.monotonic() + timeout
-  ended = {}
-  while len(ended) < len(process_ids):
-    for i in process_ids:
-      if i not in ended and job.processes[i].poll() is not None:
-        ended[i] = time.monotonic()
-    if time.monotonic() > deadline:
-      pytest.fail(f"processes {sorted(set(process_ids) - set(ended))} still "
-                  f"running after {timeout}s.\n{job.describe()}")
-    time.sleep(0.1)
-  return ended
-
-
 @pytest.mark.parametrize("victim", [1, 0], ids=["non_chief", "chief"])
 def test_killed_process_fails_the_others_within_60s(tmp_path, victim):
   args = _experiment_args(tmp_path, extra=[
       "--config.training_steps=1000",
       "--config.experiment_kwargs.config.step_sleep_secs=0.3"])
-  with _Job(tmp_path, "kill", _EXPERIMENT, args, 2) as job:
-    _wait_for_text(job, victim, "step 3 done", timeout=120)
+  with jobs.Job(tmp_path, "kill", _EXPERIMENT, args, 2) as job:
+    jobs.wait_for_text(job, victim, "step 3 done", timeout=120)
     # SIGKILL of the python process itself: no chance to say goodbye.
     os.kill(job.processes[victim].pid, signal.SIGKILL)
     killed_at = time.monotonic()
     survivor = 1 - victim
-    elapsed = _exit_times(job, [survivor], timeout=90)[survivor] - killed_at
+    ended = jobs.exit_times(job, [survivor], timeout=90)
+    elapsed = ended[survivor] - killed_at
     code = job.processes[survivor].returncode
     output = job.output(survivor)
   assert code != 0, output[-4000:]
@@ -563,10 +441,10 @@ def test_process_that_raises_fails_the_others_within_60s(tmp_path):
       "--config.experiment_kwargs.config.step_sleep_secs=0.3",
       "--config.experiment_kwargs.config.fail_at_step=3",
       "--config.experiment_kwargs.config.fail_process=1"])
-  with _Job(tmp_path, "raise", _EXPERIMENT, args, 2) as job:
-    _wait_for_text(job, 1, "Deliberate failure at step 3", timeout=120)
+  with jobs.Job(tmp_path, "raise", _EXPERIMENT, args, 2) as job:
+    jobs.wait_for_text(job, 1, "Deliberate failure at step 3", timeout=120)
     failed_at = time.monotonic()
-    ended = _exit_times(job, [0, 1], timeout=60)
+    ended = jobs.exit_times(job, [0, 1], timeout=60)
     outputs = job.outputs()
     codes = {i: p.returncode for i, p in job.processes.items()}
   assert codes[1] != 0, outputs[1][-4000:]
@@ -578,12 +456,13 @@ def test_process_that_raises_fails_the_others_within_60s(tmp_path):
 def test_too_few_processes_fail_at_start_up(tmp_path):
   # Three processes announced, two started: both give up at start-up.
   args = _experiment_args(tmp_path, extra=["--config.training_steps=2"])
-  with _Job(tmp_path, "few", _EXPERIMENT, args, 3, start_ids=[0, 1]) as job:
+  with jobs.Job(tmp_path, "few", _EXPERIMENT, args, 3,
+                start_ids=[0, 1]) as job:
     started = {}
     for i in (0, 1):
-      _wait_for_text(job, i, _INITIALIZING, timeout=120)
+      jobs.wait_for_text(job, i, _INITIALIZING, timeout=120)
       started[i] = time.monotonic()
-    ended = _exit_times(job, [0, 1], timeout=100)
+    ended = jobs.exit_times(job, [0, 1], timeout=100)
     elapsed = {i: ended[i] - started[i] for i in (0, 1)}
     outputs = job.outputs()
     codes = {i: p.returncode for i, p in job.processes.items()}

@@ -8,10 +8,11 @@ Run it from the repository root (README.md has more):
 The config sets `experiment_style = "sharded"`, so the harness uses no pmap:
 `step` gets one replicated `global_step` scalar and one replicated key, and
 checkpoints hold the parameters whole, with their shardings. Parameters and
-optimizer state are replicated over `jaxline.sharding.data_parallel_mesh()`;
-each batch is split along that mesh's data axis; `jax.jit`, told those
-shardings, averages the gradients over devices by itself. The same code runs
-on one CPU, on several devices and on several processes.
+optimizer state are replicated over `jaxline.sharding.data_parallel_mesh()`,
+or split over it with `config.fsdp` (the `fsdp` preset); each batch is split
+along that mesh's data axis; `jax.jit`, told those shardings, averages the
+gradients over devices by itself. The same code runs on one CPU, on several
+devices and on several processes.
 """
 
 import functools
@@ -110,18 +111,34 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def _fsdp_sharding(shape: tuple[int, ...], mesh: jax.sharding.Mesh
+                   ) -> jax.sharding.NamedSharding:
+  """Splits the largest axis that divides evenly over the mesh's devices.
+
+  Arrays with no such axis, such as Adam's step count, stay replicated.
+  """
+  spec = [None] * len(shape)
+  even = [axis for axis, size in enumerate(shape) if size % mesh.size == 0]
+  if even:
+    spec[max(even, key=lambda axis: shape[axis])] = sharding.DATA_AXIS
+  return jax.sharding.NamedSharding(mesh, sharding.PartitionSpec(*spec))
+
+
 class Experiment(experiment.AbstractExperiment):
   """Trains the transformer with AdamW; one jitted update per step."""
 
-  # Stored whole, with their (replicated) shardings, in the sharded style.
+  # Stored whole, with their shardings, in the sharded style: each process
+  # writes the shards it holds.
   CHECKPOINT_ATTRS = {
       "_params": "params",
       "_opt_state": "opt_state",
   }
-  # A host int. Restored with the parameters, it makes a resumed run see the
-  # same batches as one that never stopped.
+  # Host state of each process, saved per process: where it reads next in
+  # the stream of training windows (see `_input_position_at`). Restored with
+  # the parameters, it makes a resumed run see the same batches as one that
+  # never stopped.
   NON_BROADCAST_CHECKPOINT_ATTRS = {
-      "_position": "input_position",
+      "_input_position": "input_position",
   }
 
   def __init__(self, mode: str, init_rng: jax.Array, config: Any):
@@ -165,26 +182,82 @@ class Experiment(experiment.AbstractExperiment):
     # evaluator gets them from a checkpoint.
     self._params = None
     self._opt_state = None
-    self._position = 0
+    self._input_position = self._input_position_at(batch_index=0)
     self._train_batches = None
 
-    # Parameters and optimizer state live replicated; batches are split
-    # along the data axis. jit sees the shardings and inserts the gradient
-    # all-reduce itself. The old state's buffers are donated to the new.
+    # Batches are split along the data axis. Parameters and optimizer state
+    # are replicated, or with FSDP (fully sharded data parallel) split too:
+    # each array along one axis over all devices of all processes, so each
+    # device holds 1/N of the state. jit sees the shardings and inserts the
+    # communication itself: the gradient all-reduce, and with FSDP the
+    # gathers of each weight where the model needs it whole and the
+    # reduce-scatter of the gradients onto the shards. The old state's
+    # buffers are donated to the new.
     replicated = sharding.replicated(self._mesh)
     batch_sharded = sharding.batch_sharded(self._mesh)
+    abstract = jax.eval_shape(self._init, params_rng)
+    if config.get("fsdp", False):
+      state_sharding = lambda x: _fsdp_sharding(x.shape, self._mesh)
+    else:
+      state_sharding = lambda x: replicated
+    self._state_shardings = jax.tree.map(state_sharding, abstract)
+    self._abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract, self._state_shardings)
+    params_sharding, opt_sharding = self._state_shardings
     self._init_jit = jax.jit(self._init, in_shardings=replicated,
-                             out_shardings=replicated)
+                             out_shardings=self._state_shardings)
     self._update_jit = jax.jit(
         self._update,
-        in_shardings=(replicated, replicated, batch_sharded, replicated,
-                      replicated),
-        out_shardings=replicated, donate_argnums=(0, 1))
+        in_shardings=(params_sharding, opt_sharding, batch_sharded,
+                      replicated, replicated),
+        out_shardings=(params_sharding, opt_sharding, replicated),
+        donate_argnums=(0, 1))
     self._eval_jit = jax.jit(self._eval_sums,
-                             in_shardings=(replicated, batch_sharded),
+                             in_shardings=(params_sharding, batch_sharded),
                              out_shardings=replicated)
-    self._sample_jit = jax.jit(self._sample, in_shardings=replicated,
+    self._sample_jit = jax.jit(self._sample,
+                               in_shardings=(params_sharding, replicated),
                                out_shardings=replicated)
+
+  # Checkpoints.
+
+  def abstract_snapshot_state(self) -> Dict[str, Any]:
+    """Shapes, dtypes and shardings of the lazily created state.
+
+    A restore checks the checkpoint against them and reads each array
+    straight onto its sharding here, whatever the saving job's device and
+    process counts were.
+    """
+    params, opt_state = self._abstract_state
+    return {"params": params, "opt_state": opt_state}
+
+  def restore_from_snapshot(self, snapshot_state: Mapping[str, Any]) -> None:
+    super().restore_from_snapshot(snapshot_state)
+    self._train_batches = None  # Rebuilt for the restored position.
+    saved = self._input_position
+    if not isinstance(saved, Mapping):  # Older: the same batch index on all.
+      saved = {"window": int(saved) * self.config.batch_size,
+               "process_count": None}
+    if saved["process_count"] != jax.process_count():
+      # Saved by a job of another size. jaxline gives every process the
+      # host state of process 0 then, whose window starts a batch: read this
+      # process's own rows of that batch.
+      batch_index = saved["window"] // self.config.batch_size
+      self._input_position = self._input_position_at(batch_index)
+
+  def _input_position_at(self, batch_index: int) -> Dict[str, int]:
+    """This process's position at the start of a training batch.
+
+    Batch b is windows [b * B, (b + 1) * B) of the stream of training windows
+    (B is the global batch size), and process i of n reads its own B / n
+    consecutive ones of each: its position is the index of its first
+    window, different on every process.
+    """
+    rows = self.config.batch_size // jax.process_count()
+    return {"window": (batch_index * self.config.batch_size +
+                       jax.process_index() * rows),
+            "process_count": jax.process_count()}
 
   # Training.
 
@@ -198,24 +271,31 @@ class Experiment(experiment.AbstractExperiment):
     del writer
     if self._params is None:
       self._params, self._opt_state = self._initial_state()
+    global_batch_size = self.config.batch_size
+    window = self._input_position["window"]
     if self._train_batches is None:
       corpus = self._corpus()
+      rows = global_batch_size // jax.process_count()
+      # The rows this position reads; process_index() unless a restore went
+      # wrong, which then shows as other batches.
       self._train_batches = input_pipeline.TrainBatches(
-          corpus.train, global_batch_size=self.config.batch_size,
+          corpus.train, global_batch_size=global_batch_size,
           seq_len=self.config.seq_len, seed=self._data_seed,
-          process_index=jax.process_index(),
+          process_index=window % global_batch_size // rows,
           process_count=jax.process_count())
       logging.info(
           "Training on %d characters from %d files (unigram entropy %.3f "
-          "bits/char), from input position %d.", len(corpus.train),
+          "bits/char), from batch %d (window %d).", len(corpus.train),
           len(corpus.train_files),
-          input_pipeline.unigram_bits_per_char(corpus.train), self._position)
+          input_pipeline.unigram_bits_per_char(corpus.train),
+          window // global_batch_size, window)
 
     batch = sharding.host_batch_to_global(
-        self._train_batches.batch(self._position), self._mesh)
+        self._train_batches.batch(window // global_batch_size), self._mesh)
     self._params, self._opt_state, scalars = self._update_jit(
         self._params, self._opt_state, batch, global_step, rng)
-    self._position += 1
+    self._input_position = dict(self._input_position,
+                                window=window + global_batch_size)
     return scalars
 
   def _corpus(self) -> input_pipeline.Corpus:
@@ -223,7 +303,7 @@ class Experiment(experiment.AbstractExperiment):
                                self.config.data.validation_fraction)
 
   def _initial_state(self):
-    """Parameters and optimizer state, replicated on every device."""
+    """Parameters and optimizer state, on their shardings."""
     params, opt_state = self._init_jit(
         sharding.replicate(self._params_rng, self._mesh))
     logging.info("Initialised %d parameters.",

@@ -1,12 +1,13 @@
-"""End to end: the tiny preset through the real harness, in subprocesses.
+"""End to end: the tiny and fsdp presets through the real harness.
 
-Three runs of `python -m examples.charlm.experiment`, as a user starts it,
-with on-disk checkpoints and TensorBoard files (read back with TensorBoard's
-EventAccumulator):
+Runs of `python -m examples.charlm.experiment` in subprocesses, as a user
+starts it, with on-disk checkpoints and TensorBoard files (read back with
+TensorBoard's EventAccumulator):
 
 * reference: 1 device, steps 1-16 uninterrupted;
 * first half: 4 devices, `train_eval_multithreaded`, steps 1-8;
-* resumed: 1 device, the first half's checkpoint directory, to step 16.
+* resumed: 1 device, the first half's checkpoint directory, to step 16;
+* the fsdp preset for 6 steps, split over 4 devices and unsplit on 1.
 
 The learning rate is held constant after warm-up in all three, so that the
 schedule does not depend on `training_steps` and the runs are comparable
@@ -16,12 +17,15 @@ batches (the input position is checkpointed), parameters, optimizer state
 and step keys (dropout is on in the tiny preset).
 """
 
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -38,12 +42,13 @@ _RTOL = 1e-4
 
 
 def _start(checkpoint_dir, num_devices: int, training_steps: int,
-           mode: str = "train") -> subprocess.Popen:
+           mode: str = "train", preset: str = "tiny",
+           extra=()) -> subprocess.Popen:
   env = conftest.subprocess_env(num_devices)
   env["XLA_FLAGS"] += " " + _FAST_COMPILE_FLAGS
   command = [
       sys.executable, "-m", "examples.charlm.experiment",
-      f"--config={_CONFIG}:tiny",
+      f"--config={_CONFIG}:{preset}",
       f"--jaxline_mode={mode}",
       f"--config.checkpoint_dir={checkpoint_dir}",
       f"--config.training_steps={training_steps}",
@@ -51,6 +56,7 @@ def _start(checkpoint_dir, num_devices: int, training_steps: int,
       "--config.log_tensors_interval=4",
       "--config.save_checkpoint_interval=4",
       "--config.experiment_kwargs.config.final_learning_rate_fraction=1.0",
+      *extra,
   ]
   return subprocess.Popen(command, cwd=conftest.REPO_ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -132,7 +138,7 @@ def test_evaluation_reports_validation_loss_and_keeps_the_best(runs):
 def test_resume_continues_at_the_saved_step_with_the_same_batches(runs):
   output = runs["outputs"]["resumed"]
   assert "Returned checkpoint latest with id 8." in output
-  assert "from input position 8." in output
+  assert "from batch 8 (window 64)." in output
   # Steps 9-16 follow the first half's 1-8, none repeated or skipped.
   losses = _scalars(runs["resumed_dir"] / "train", "loss")
   assert sorted(losses) == list(range(1, 17))
@@ -140,3 +146,48 @@ def test_resume_continues_at_the_saved_step_with_the_same_batches(runs):
   assert [losses[s] for s in range(9, 17)] == pytest.approx(
       [reference[s] for s in range(9, 17)], rel=_RTOL)
   assert "Saved checkpoint latest with id 16." in output
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+  """The fsdp preset, split over 4 devices and unsplit on 1 (fsdp=False)."""
+  split_dir = tmp_path_factory.mktemp("fsdp")
+  whole_dir = tmp_path_factory.mktemp("fsdp_off")
+  split = _start(split_dir, 4, 6, preset="fsdp")
+  whole = _start(whole_dir, 1, 6, preset="fsdp",
+                 extra=["--config.experiment_kwargs.config.fsdp=False"])
+  _finish(split)
+  _finish(whole)
+  return split_dir, whole_dir
+
+
+def _partition_specs(checkpoint_dir, step: int) -> list[tuple]:
+  """The partition spec of each saved parameter and optimizer-state array.
+
+  Scalars (Adam's step count) are left out: they are never split.
+  """
+  step_dir = checkpoint_dir / "checkpoints" / "latest" / str(step)
+  with open(step_dir / "meta" / "metadata") as f:
+    entries = json.load(f)["entries"]
+  keys = re.findall(r'"i": "(\d+)"', json.dumps(
+      [entries["params"], entries["opt_state"]]))
+  with ocp.StandardCheckpointer() as reader:
+    stored = reader.metadata(step_dir / "arrays").item_metadata
+  stored = getattr(stored, "tree", stored)
+  return [tuple(stored[key].sharding.partition_spec) for key in keys
+          if stored[key].shape]
+
+
+def test_fsdp_computes_what_one_unsplit_device_computes(fsdp_runs):
+  split_dir, whole_dir = fsdp_runs
+  losses = _scalars(split_dir / "train", "loss")
+  reference = _scalars(whole_dir / "train", "loss")
+  assert sorted(losses) == sorted(reference) == list(range(1, 7))
+  # jit gathered each weight for the forward and backward passes.
+  assert [losses[s] for s in range(1, 7)] == pytest.approx(
+      [reference[s] for s in range(1, 7)], rel=_RTOL)
+  # Every array but the scalars was split over the data axis, and saved so.
+  split = _partition_specs(split_dir, 6)
+  assert split and all("data" in spec for spec in split), split
+  whole = _partition_specs(whole_dir, 6)
+  assert whole and not any("data" in spec for spec in whole), whole
