@@ -587,20 +587,26 @@ class _MixedKeys(_Exp):
     self._host = {"name": "a", 3: np.arange(2, dtype=np.int32)}
 
 
-def test_host_dict_with_int_and_str_keys_restores(tmp_path):
+def _save_then_restore(tmp_path, exp_class, *, seed):
+  """Saves `exp_class` filled with `seed` at step 1; restores it anew."""
   config = _config(tmp_path / "run")
-  checkpointer, exp, state = _open(config, exp_class=_MixedKeys)
+  checkpointer, exp, state = _open(config, exp_class=exp_class)
   try:
-    exp.fill(1)
+    exp.fill(seed)
     state.global_step = 1
     checkpointer.save("latest")
   finally:
     checkpointer.close()
-  reader, exp, state = _open(config, exp_class=_MixedKeys)
+  reader, exp, state = _open(config, exp_class=exp_class)
   try:
     reader.restore("latest")
   finally:
     reader.close()
+  return exp, state
+
+
+def test_host_dict_with_int_and_str_keys_restores(tmp_path):
+  exp, state = _save_then_restore(tmp_path, _MixedKeys, seed=1)
   assert state.global_step == 1
   assert exp._host["name"] == "a"
   np.testing.assert_array_equal(exp._host[3], [0, 1])
@@ -728,19 +734,7 @@ class _ShardedNumpy(_Exp):
 
 
 def test_numpy_int64_in_checkpoint_attrs_keeps_its_values(tmp_path):
-  config = _config(tmp_path / "run")
-  checkpointer, exp, state = _open(config, exp_class=_ShardedNumpy)
-  try:
-    exp.fill(0)
-    state.global_step = 1
-    checkpointer.save("latest")
-  finally:
-    checkpointer.close()
-  reader, exp, state = _open(config, exp_class=_ShardedNumpy)
-  try:
-    reader.restore("latest")
-  finally:
-    reader.close()
+  exp, state = _save_then_restore(tmp_path, _ShardedNumpy, seed=0)
   assert state.global_step == 1
   ids = exp._params["ids"]
   assert type(ids) is np.ndarray and ids.dtype == np.int64
