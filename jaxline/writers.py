@@ -1,4 +1,10 @@
-"""TensorBoard writers built on TensorBoard's own event writer, without TF.
+"""TensorBoard event files and a metrics file, written without TensorFlow.
+
+Events go through tensorboardX's record writer and protos, which never
+import TensorFlow (TensorBoard's own writer reaches for it whenever it is
+installed, costing seconds and half a gigabyte per process). Every scalar
+write also appends one JSON line to `metrics.jsonl` beside the events, for
+`python -m jaxline.plot` and for anything that reads JSON.
 
 `step` writes from the training thread and periodic actions from background
 threads, so every write is queued on one worker thread: callers never wait for
@@ -7,22 +13,26 @@ a device-to-host copy or for the disk, and writes keep their order.
 
 import concurrent.futures
 import io
+import itertools
+import json
 import os
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import numpy as np
 from PIL import Image
-from tensorboard.compat.proto import event_pb2
-from tensorboard.compat.proto import summary_pb2
-from tensorboard.compat.proto import tensor_pb2
-from tensorboard.compat.proto import tensor_shape_pb2
-from tensorboard.compat.proto import types_pb2
-from tensorboard.summary.writer import event_file_writer
+from tensorboardX import event_file_writer
+from tensorboardX.proto import event_pb2
+from tensorboardX.proto import summary_pb2
+from tensorboardX.proto import tensor_pb2
+from tensorboardX.proto import tensor_shape_pb2
+from tensorboardX.proto import types_pb2
 
 _MAX_IMAGES = 3
+METRICS_FILE = "metrics.jsonl"
+_FILE_COUNTER = itertools.count()
 
 
 def _scalar_shape_ok(value: Any) -> bool:
@@ -65,7 +75,11 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def _image_value(key: str, images: np.ndarray) -> summary_pb2.Summary.Value:
-  """One summary with up to 3 images, laid out as the image plugin reads it."""
+  """One summary holding up to 3 images, as TensorBoard's image plugin reads.
+
+  tensorboardX's own image summary tiles a batch into one picture; this
+  keeps the images apart, as TensorBoard's `image` summary does.
+  """
   height, width = images.shape[1:3]
   strings = [str(width).encode(), str(height).encode()]
   strings += [_png(image) for image in images]
@@ -79,8 +93,14 @@ def _image_value(key: str, images: np.ndarray) -> summary_pb2.Summary.Value:
   return summary_pb2.Summary.Value(tag=key, tensor=tensor, metadata=metadata)
 
 
+
 class TensorBoardLogger:
-  """Writes scalars and images under `<config.checkpoint_dir>/<mode>`."""
+  """Writes scalars and images under `<config.checkpoint_dir>/<mode>`.
+
+  Scalars also go to `<checkpoint_dir>/<mode>/metrics.jsonl`, one
+  `{"step": ..., "wall_time": ..., "<key>": <number>, ...}` object per call,
+  with the same steps and values as the event file and flushed with it.
+  """
 
   def __init__(self, config, mode: str):
     checkpoint_dir = config.get("checkpoint_dir", "") if hasattr(
@@ -92,7 +112,14 @@ class TensorBoardLogger:
           "which writes nothing when it is empty.")
     self._logdir = os.path.join(checkpoint_dir, mode)
     os.makedirs(self._logdir, exist_ok=True)
-    self._writer = event_file_writer.EventFileWriter(self._logdir)
+    # TensorBoard's own naming, events.out.tfevents.<time>.<host>.<pid>.<n>:
+    # two writers in one directory (a resumed run in the same second, hosts
+    # with log_all_hosts) never open the same file.
+    self._events = event_file_writer.EventsWriter(
+        os.path.join(self._logdir, "events"),
+        filename_suffix=f".{os.getpid()}.{next(_FILE_COUNTER)}")
+    self._metrics = open(os.path.join(self._logdir, METRICS_FILE), "a",
+                         encoding="utf-8")
     self._executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="tensorboard")
     self._lock = threading.Lock()
@@ -103,6 +130,10 @@ class TensorBoardLogger:
   def logdir(self) -> str:
     return self._logdir
 
+  @property
+  def metrics_path(self) -> str:
+    return self._metrics.name
+
   def _submit(self, fn, *args) -> None:
     with self._lock:
       if self._closed:
@@ -110,11 +141,10 @@ class TensorBoardLogger:
       self._pending = [f for f in self._pending if not f.done()]
       self._pending.append(self._executor.submit(fn, *args))
 
-  def _write(self, global_step: int, values) -> None:
-    event = event_pb2.Event(step=global_step,
+  def _write(self, global_step: int, values, wall_time: float) -> None:
+    event = event_pb2.Event(step=global_step, wall_time=wall_time,
                             summary=summary_pb2.Summary(value=values))
-    event.wall_time = time.time()
-    self._writer.add_event(event)
+    self._events.write_event(event)
 
   def write_scalars(self, global_step: int, scalars: Mapping[str, Any]):
     """Writes one scalar series per key; the key is the tag."""
@@ -127,9 +157,14 @@ class TensorBoardLogger:
     items = {k: _own_scalar(v) for k, v in scalars.items()}
 
     def write():
-      values = [summary_pb2.Summary.Value(tag=str(k), simple_value=float(
-          np.asarray(v).reshape(()))) for k, v in items.items()]
-      self._write(step, values)
+      wall_time = time.time()
+      numbers = {str(k): float(np.asarray(v).reshape(()))
+                 for k, v in items.items()}
+      self._write(step, [summary_pb2.Summary.Value(tag=k, simple_value=v)
+                         for k, v in numbers.items()], wall_time)
+      record = {"step": step, "wall_time": wall_time}
+      record.update(numbers)
+      self._metrics.write(json.dumps(record) + "\n")
 
     self._submit(write)
 
@@ -138,14 +173,16 @@ class TensorBoardLogger:
     step = int(global_step)
     converted = {k: _to_uint8(k, v) for k, v in images.items()}
     self._submit(lambda: self._write(
-        step, [_image_value(k, v) for k, v in converted.items()]))
+        step, [_image_value(k, v) for k, v in converted.items()],
+        time.time()))
 
   def flush(self) -> None:
     """Blocks until every queued write is on disk; re-raises its error."""
     with self._lock:
       pending, self._pending = self._pending, []
     errors = [f.exception() for f in pending]
-    self._writer.flush()
+    self._events.flush()
+    self._metrics.flush()
     for error in errors:
       if error is not None:
         raise error
@@ -158,7 +195,8 @@ class TensorBoardLogger:
     finally:
       self._closed = True
       self._executor.shutdown(wait=True)
-      self._writer.close()
+      self._events.close()
+      self._metrics.close()
 
 
 class NullWriter:
@@ -175,6 +213,57 @@ class NullWriter:
 
   def close(self) -> None:
     pass
+
+
+class MultiWriter:
+  """Sends every write to several writers: TensorBoard plus W&B, say.
+
+  A writer needs only `write_scalars`; `write_images`, `flush` and `close`
+  are passed on to those that have them. Pass it from a writer factory:
+
+      def writer_factory(config, mode):
+        return writers.MultiWriter(platform.create_writer(config, mode),
+                                   MyWandbWriter(mode))
+  """
+
+  def __init__(self, *writers_: Any):
+    if len(writers_) == 1 and isinstance(writers_[0], (list, tuple)):
+      writers_ = tuple(writers_[0])
+    for writer in writers_:
+      if not callable(getattr(writer, "write_scalars", None)):
+        raise TypeError(f"{writer!r} has no write_scalars method; every "
+                        "writer given to MultiWriter needs one.")
+    self.writers: Sequence[Any] = tuple(writers_)
+
+  def write_scalars(self, global_step: int, scalars: Mapping[str, Any]):
+    for writer in self.writers:
+      writer.write_scalars(global_step, scalars)
+
+  def write_images(self, global_step: int, images: Mapping[str, Any]):
+    for writer in self.writers:
+      write_images = getattr(writer, "write_images", None)
+      if callable(write_images):
+        write_images(global_step, images)
+
+  def _each(self, method: str) -> None:
+    """Calls `method` on every writer that has it; raises the first error."""
+    first_error = None
+    for writer in self.writers:
+      fn = getattr(writer, method, None)
+      if not callable(fn):
+        continue
+      try:
+        fn()
+      except Exception as e:  # pylint: disable=broad-except
+        first_error = first_error or e
+    if first_error is not None:
+      raise first_error
+
+  def flush(self) -> None:
+    self._each("flush")
+
+  def close(self) -> None:
+    self._each("close")
 
 
 def flush_writer(writer: Any, *, raise_errors: bool = False) -> None:

@@ -5,6 +5,7 @@ Everything is read back from the event files with TensorBoard's own
 """
 
 import io
+import json
 import os
 import threading
 
@@ -343,3 +344,91 @@ def test_null_writer_writes_nothing(tmp_path, monkeypatch):
   writer.flush()
   writer.close()
   assert not list(tmp_path.iterdir())
+
+
+# --- metrics.jsonl -------------------------------------------------------------
+
+
+def _metrics(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_metrics_file_has_the_same_steps_and_values_as_the_events(tmp_path):
+  writer = writers.TensorBoardLogger(_config(tmp_path), "eval_test")
+  writer.write_scalars(np.int64(3), {"loss": np.float32(0.25), "n": 7})
+  writer.write_scalars(5, {"loss": jnp.asarray([0.5]), "acc": True})
+  writer.flush()  # Flushed together with the events: both readable now.
+  rows = _metrics(tmp_path / "eval_test" / "metrics.jsonl")
+  assert [(r["step"], r["loss"]) for r in rows] == [(3, 0.25), (5, 0.5)]
+  assert rows[0]["n"] == 7 and rows[1]["acc"] == 1.0
+  assert list(rows[0]) == ["step", "wall_time", "loss", "n"]
+  accumulator = _read(tmp_path / "eval_test")
+  assert _scalars(accumulator, "loss") == [(3, 0.25), (5, 0.5)]
+  # The event and the line of one write carry the same wall time.
+  (event,) = [e for e in accumulator.Scalars("n")]
+  assert event.wall_time == pytest.approx(rows[0]["wall_time"])
+  writer.close()
+
+
+def test_metrics_file_is_appended_to_by_a_resumed_run(tmp_path):
+  for step in (1, 2):
+    writer = writers.TensorBoardLogger(_config(tmp_path), "train")
+    writer.write_scalars(step, {"loss": float(step)})
+    writer.close()
+  rows = _metrics(tmp_path / "train" / "metrics.jsonl")
+  assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_non_finite_values_are_kept(tmp_path):
+  writer = writers.TensorBoardLogger(_config(tmp_path), "train")
+  writer.write_scalars(1, {"loss": np.nan, "x": -np.inf})
+  writer.close()
+  (row,) = _metrics(tmp_path / "train" / "metrics.jsonl")
+  assert np.isnan(row["loss"]) and row["x"] == -np.inf
+
+
+# --- MultiWriter ---------------------------------------------------------------
+
+
+class _Recorder:
+
+  def __init__(self):
+    self.calls = []
+
+  def write_scalars(self, global_step, scalars):
+    self.calls.append(("scalars", global_step, dict(scalars)))
+
+  def flush(self):
+    self.calls.append(("flush",))
+
+
+def test_multi_writer_sends_everything_to_every_writer(tmp_path):
+  recorder = _Recorder()
+  tensorboard = writers.TensorBoardLogger(_config(tmp_path), "train")
+  multi = writers.MultiWriter(tensorboard, recorder)
+  multi.write_scalars(2, {"loss": 1.5})
+  multi.write_images(2, {"img": np.zeros([1, 2, 2, 1], np.uint8)})
+  multi.flush()
+  assert recorder.calls == [("scalars", 2, {"loss": 1.5}), ("flush",)]
+  assert _scalars(_read(tmp_path / "train"), "loss") == [(2, 1.5)]
+  multi.close()
+  assert writers.MultiWriter([recorder]).writers == (recorder,)
+
+
+def test_multi_writer_flushes_all_and_raises_the_first_error():
+  class Broken(_Recorder):
+
+    def flush(self):
+      raise OSError("disk full")
+
+  later = _Recorder()
+  multi = writers.MultiWriter(Broken(), later)
+  with pytest.raises(OSError, match="disk full"):
+    multi.flush()
+  assert later.calls == [("flush",)]
+
+
+def test_multi_writer_rejects_a_writer_without_write_scalars():
+  with pytest.raises(TypeError, match="has no write_scalars"):
+    writers.MultiWriter(object())
