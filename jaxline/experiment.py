@@ -11,6 +11,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 from ml_collections import config_dict
 import numpy as np
 
@@ -33,6 +34,31 @@ def _check_step_output(scalars: Any) -> None:
     raise TypeError(
         "Experiment.step must return a mapping of scalars to log ({} if there "
         f"is nothing to log), but it returned a {type(scalars).__name__}.")
+
+
+def _is_number(value: Any) -> bool:
+  """A Python number, or a numeric array or scalar (no transfer needed)."""
+  if isinstance(value, (bool, int, float, np.number, np.bool_)):
+    return True
+  dtype = getattr(value, "dtype", None)
+  if dtype is None:
+    return False
+  try:  # jnp's test knows bfloat16; typed keys are not numbers.
+    return bool(jnp.issubdtype(dtype, jnp.number) or
+                jnp.issubdtype(dtype, jnp.bool_))
+  except TypeError:
+    return False
+
+
+def check_step_values(scalars: Mapping[str, Any]) -> None:
+  """Rejects values no logger can write, at the first step, naming the key."""
+  for key, value in scalars.items():
+    if not _is_number(value):
+      raise TypeError(
+          f"Experiment.step returned {key!r}: {type(value).__name__} "
+          f"({value!r:.80}), but every value must be a number or a numeric "
+          "array. Return only numbers; log other things from step() with "
+          "the writer or absl logging.")
 
 
 class AbstractExperiment(abc.ABC):
@@ -82,6 +108,7 @@ class AbstractExperiment(abc.ABC):
       advance, global_step_devices = _step_counter(self, config,
                                                    state.global_step)
       get, put = _state_accessors(state)
+      first = True
       while self.should_run_step(get("global_step"), config):
         step = get("global_step")
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -91,6 +118,9 @@ class AbstractExperiment(abc.ABC):
           scalar_outputs = self.step(
               global_step=global_step_devices, rng=step_key, writer=writer)
           _check_step_output(scalar_outputs)
+          if first:
+            check_step_values(scalar_outputs)
+            first = False
           t = time.time()
           step += 1
           put("global_step", step)

@@ -36,6 +36,15 @@ def growth_hit(step: int, ratios: Sequence[float]) -> bool:
   return False
 
 
+class StopTraining(Exception):
+  """Raised by a periodic action to end training at this step, with a save.
+
+  For early stopping: training saves "latest" and returns normally, as on
+  preemption. From an async action it takes effect when the action next
+  fires, so raise it from one with `run_async=False`.
+  """
+
+
 class PeriodicAction:
   """Calls `fn(step, scalars)` when a step or time interval has passed."""
 
@@ -110,6 +119,9 @@ class PeriodicAction:
       return step == self._next_growth
     return False
 
+  def _on_trigger(self, t: float, step: int) -> None:
+    """Runs in the loop's thread when the action fires; for subclasses."""
+
   def _apply(self, log: Mapping[int, Any], step: int,
              steps_per_sec: float) -> None:
     host_log = jax.device_get(log)
@@ -121,6 +133,7 @@ class PeriodicAction:
   def __call__(self, t: float, step: int,
                scalar_outputs: Mapping[str, Any]) -> None:
     if self._should_trigger(t, step):
+      self._on_trigger(t, step)
       elapsed = max(t - self._prev_time, _MIN_ELAPSED_SECS)
       steps_per_sec = (step - self._prev_step) / elapsed
       log, self.log = self.log, {}

@@ -19,7 +19,7 @@ import functools
 import os
 import signal
 import threading
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 from absl import logging
 import jax
@@ -82,12 +82,56 @@ class StopOnSignal:
     pass
 
 
+class _SignalWatcher:
+  """Reports our signals from a thread, even while the main thread is stuck.
+
+  Python runs a signal handler only when the main thread returns to the
+  interpreter, which a step stuck inside XLA never does. The C-level handler
+  still writes the signal number to the wakeup fd, which this thread reads.
+  """
+
+  def __init__(self, signals, on_signal: Callable[[str], None]):
+    self._signals = {int(s) for s in signals}
+    self._on_signal = on_signal
+    self._read, self._write = os.pipe()
+    os.set_blocking(self._write, False)
+    self._previous = signal.set_wakeup_fd(self._write,
+                                          warn_on_full_buffer=False)
+    self._thread = threading.Thread(target=self._run, daemon=True,
+                                    name="jaxline_signal_watcher")
+    self._thread.start()
+
+  def _run(self) -> None:
+    while True:
+      try:
+        data = os.read(self._read, 64)
+      except OSError:
+        return
+      if not data:  # The write end is closed: we are done.
+        return
+      for signum in data:
+        if signum in self._signals:
+          self._on_signal(signal.Signals(signum).name)
+
+  def close(self) -> None:
+    signal.set_wakeup_fd(self._previous)
+    os.close(self._write)
+    self._thread.join(timeout=5)
+    os.close(self._read)
+
+
 @contextlib.contextmanager
-def catch_signals(event: threading.Event) -> Iterator[threading.Event]:
+def catch_signals(
+    event: threading.Event,
+    *,
+    on_signal: Optional[Callable[[str], None]] = None,
+) -> Iterator[threading.Event]:
   """Sets `event` on SIGTERM/SIGUSR1/SIGINT while inside; main thread only.
 
   A second SIGINT falls through to the previous handler, so Ctrl-C twice
   still interrupts a run that is stuck before the next step boundary.
+  `on_signal(name)` is called from a thread as the signal arrives, even if
+  the main thread is stuck in native code (for a grace-period timer).
   """
   if threading.current_thread() is not threading.main_thread():
     yield event
@@ -112,8 +156,11 @@ def catch_signals(event: threading.Event) -> Iterator[threading.Event]:
 
   for s in signals:
     signal.signal(s, handler)
+  watcher = _SignalWatcher(signals, on_signal) if on_signal else None
   try:
     yield event
   finally:
+    if watcher is not None:
+      watcher.close()
     for s, h in previous.items():
       signal.signal(s, h)

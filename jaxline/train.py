@@ -6,8 +6,6 @@ periodic actions and runs `experiment.train_loop`. `evaluate` follows the
 "best" series. Both read top to bottom; helpers sit below them.
 """
 
-import datetime
-import functools
 import inspect
 import math
 import threading
@@ -21,12 +19,16 @@ from jax.experimental import multihost_utils
 from ml_collections import config_dict
 import numpy as np
 
+from jaxline import actions as actions_lib
 from jaxline import checkpointing
 from jaxline import experiment as experiment_lib
+from jaxline import nonfinite
+from jaxline import periodic
 from jaxline import preemption
 from jaxline import rng as rng_lib
 from jaxline import sharding
 from jaxline import utils
+from jaxline import watchdog
 from jaxline import writers
 
 FLAGS = flags.FLAGS
@@ -54,7 +56,7 @@ def train(experiment_class: Callable[..., Any],
 
   train_key, init_key = rng_lib.train_and_init_keys(config)
   with utils.log_activity("experiment init"):
-    experiment = _build_experiment(experiment_class, "train", init_key, config)
+    experiment = build_experiment(experiment_class, "train", init_key, config)
 
   state = checkpointer.get_experiment_state("latest")
   state.global_step = 0
@@ -63,13 +65,22 @@ def train(experiment_class: Callable[..., Any],
 
   restored = checkpointer.can_be_restored("latest")
   if restored:
+    path = checkpointer.restore_path("latest")
     with utils.log_activity("checkpoint restore"):
       checkpointer.restore("latest")
+    logging.info("Resuming training at global_step %d from checkpoint %s.",
+                 state.global_step, path)
+  if not experiment.should_run_step(state.global_step, config):
+    logging.info("Nothing to train: global_step %d of training_steps %s is "
+                 "done.", state.global_step, config.training_steps)
 
   stop_event = stop_event or threading.Event()
-  actions = tuple(periodic_actions) + _default_actions(
-      config, checkpointer, writer, is_chief, is_checkpointer) + (
-          preemption.StopOnSignal(stop_event),)
+  guard = (nonfinite.NonFiniteGuard()
+           if config.get("terminate_on_nan", True) else None)
+  actions = actions_lib.harness_actions(config, writer, guard) + (
+      tuple(periodic_actions) + actions_lib.default_actions(
+          config, checkpointer, writer, is_chief, is_checkpointer, guard) +
+      (preemption.StopOnSignal(stop_event),))
   for action in actions:
     action.update_time(time.time(), state.global_step)
 
@@ -77,21 +88,40 @@ def train(experiment_class: Callable[..., Any],
     with utils.log_activity("first checkpoint"):
       checkpointer.save("latest")
 
+  grace = watchdog.SignalGrace(config.get("preemption_grace_secs", 60.0),
+                               writer=writer, step=lambda: state.global_step)
   try:
-    with preemption.catch_signals(stop_event):
+    with preemption.catch_signals(stop_event, on_signal=grace.start):
       experiment.train_loop(config, state, actions, writer)
   except preemption.Preempted as e:
     logging.warning("Preempted at step %d; saving and exiting.", e.step)
+  except periodic.StopTraining as e:
+    logging.info("Training stopped at global_step %d by a periodic action%s; "
+                 "saving and exiting.", state.global_step,
+                 f" ({e})" if str(e) else "")
   except BaseException:
     # Keep what was logged; skip the final save of a state that failed.
     _finish_actions(actions, raise_errors=False)
     writers.flush_writer(writer)
     raise
+  finally:
+    grace.cancel()
 
-  if is_checkpointer:
-    with utils.log_activity("final checkpoint"):
-      checkpointer.save("latest")
-      checkpointer.wait_for_checkpointing_to_finish()
+  try:
+    if guard is not None:
+      try:
+        guard.check_before_save()
+      except nonfinite.NonFiniteError as e:
+        logging.error("%s", e)  # Found here, outside any logged activity.
+        raise
+    if is_checkpointer:
+      with utils.log_activity("final checkpoint"):
+        checkpointer.save("latest")
+        checkpointer.wait_for_checkpointing_to_finish()
+  except BaseException:
+    _finish_actions(actions, raise_errors=False)
+    writers.flush_writer(writer)
+    raise
   _finish_actions(actions, raise_errors=True)
   writers.flush_writer(writer, raise_errors=True)
   utils.rendezvous()
@@ -114,7 +144,7 @@ def evaluate(experiment_class: Callable[..., Any],
     jaxline_mode = FLAGS.jaxline_mode
   logging.info("Evaluating with config:\n%s", config)
   eval_key = jax.random.PRNGKey(config.random_seed)
-  experiment = _build_experiment(experiment_class, jaxline_mode, eval_key,
+  experiment = build_experiment(experiment_class, jaxline_mode, eval_key,
                                  config)
   poll_secs = float(config.get("eval_poll_interval_secs", 10.0))
   evaluate_fn = utils.evaluate_should_return_dict(experiment.evaluate)
@@ -234,7 +264,7 @@ def _assign(state, name: str, value: Any) -> None:
       state[name] = value
 
 
-def _build_experiment(experiment_class, mode: str, init_rng, config):
+def build_experiment(experiment_class, mode: str, init_rng, config):
   """Calls the constructor as 0.0.8 did: `init_rng` only if it is accepted.
 
   Then marks the instance with `config.experiment_style`, which the base
@@ -256,57 +286,6 @@ def _build_experiment(experiment_class, mode: str, init_rng, config):
   if style != "pmap":
     setattr(experiment, experiment_lib.STYLE_ATTR, style)
   return experiment
-
-
-def _default_actions(config, checkpointer, writer, is_chief: bool,
-                     is_checkpointer: bool) -> tuple[utils.PeriodicAction, ...]:
-  """The stdout log, the periodic save and the writer, as 0.0.8 made them."""
-  ratios = config.periodic_action_growth_ratios
-  logging_type = config.logging_interval_type or config.interval_type
-  checkpoint_type = config.checkpoint_interval_type or config.interval_type
-  actions = []
-  if config.log_tensors_interval is not None:
-    actions.append(utils.PeriodicAction(
-        functools.partial(_log_outputs, training_steps=config.training_steps),
-        interval_type=logging_type,
-        interval=config.log_tensors_interval,
-        run_async=config.log_async,
-        logging_growth_ratios=ratios))
-  interval = config.save_checkpoint_interval
-  if is_checkpointer and interval is not None and interval > 0:
-    actions.append(utils.PeriodicAction(
-        lambda step, scalars: checkpointer.save("latest"),
-        interval_type=checkpoint_type,
-        interval=interval,
-        run_async=False,
-        logging_growth_ratios=ratios))
-  if ((is_chief or config.log_all_hosts) and writer is not None and
-      config.log_train_data_interval is not None):
-    actions.append(utils.PeriodicAction(
-        writer.write_scalars,
-        interval_type=logging_type,
-        interval=config.log_train_data_interval,
-        run_async=True,
-        log_all_data=config.log_all_train_data,
-        logging_growth_ratios=ratios,
-        end_step_to_action=config.training_steps))
-  return tuple(actions)
-
-
-def _log_outputs(step: int, scalar_values: Mapping[str, Any], *,
-                 training_steps: Optional[int]) -> None:
-  """The progress line: 0.0.8's text, then steps/sec and an ETA."""
-  scalars = jax.tree.map(
-      lambda x: x.tolist() if isinstance(x, np.ndarray) else x,
-      scalar_values)
-  rate = scalar_values.get("steps_per_sec")
-  if training_steps and rate:
-    eta = datetime.timedelta(seconds=round(
-        max(training_steps - step, 0) / float(rate)))
-    logging.info("global_step: %d, %s [%.2f steps/sec, ETA %s]", step,
-                 scalars, float(rate), eta)
-  else:
-    logging.info("global_step: %d, %s", step, scalars)
 
 
 def _as_python(x: Any) -> Any:

@@ -651,7 +651,10 @@ def test_stdout_line_reports_completed_steps_and_scalars(absl_info):
           for m in lines] == [1, 2, 3]
   # "global_step: 3" reports the scalars of the step that received 2.
   assert "'loss': 2.0" in lines[-1]
-  assert "steps_per_sec" in lines[-1]
+  # Progress replaces steps_per_sec: the rate is printed once, after the dict.
+  assert "steps_per_sec" not in lines[-1]
+  assert re.search(r"\[3/3 \(100\.0%\), [\d.e+]+ steps/s, ETA 0:00:00\]$",
+                   lines[-1]), lines[-1]
 
 
 @pytest.mark.parametrize("key", ["log_tensors_interval",

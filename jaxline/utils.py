@@ -49,6 +49,7 @@ DistributedRNGMode = rng_lib.DistributedRNGMode
 host_id_devices_for_rng = rng_lib.host_id_devices_for_rng
 specialize_rng_host_device = rng_lib.specialize_rng_host_device
 PeriodicAction = periodic.PeriodicAction
+StopTraining = periodic.StopTraining
 tree_psum = jax.lax.psum
 
 SnapshotNT = collections.namedtuple("SnapshotNT", ["id", "pickle_nest"])
