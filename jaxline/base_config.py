@@ -6,7 +6,8 @@ since (see ``OPTIONAL_KEYS``) are read with ``config.get(key, default)`` and
 are never required.
 """
 
-from typing import Any, Mapping, Optional
+import numbers
+from typing import Any, Mapping, Optional, Sequence
 
 from ml_collections import config_dict
 
@@ -24,6 +25,19 @@ OPTIONAL_KEYS: Mapping[str, Any] = {
     # Eval jobs evaluate every committed checkpoint in step order, instead of
     # only the newest one at each poll.
     "eval_every_checkpoint": False,
+    # Stop with an error when a scalar from step() is NaN or infinite, and
+    # never save that state.
+    "terminate_on_nan": True,
+    # Exit with every thread's stack when no step ends for this long (the
+    # first step, which compiles, is exempt). None: off.
+    "step_timeout_secs": None,
+    # After SIGTERM/SIGUSR1/SIGINT, exit if the running step has not ended
+    # within this many seconds. None: wait for it forever.
+    "preemption_grace_secs": 60.0,
+    # Trace steps [profile_start_step, +profile_num_steps) with jax.profiler
+    # into <checkpoint_dir>/profile. None: off.
+    "profile_start_step": None,
+    "profile_num_steps": 5,
 }
 
 _INTERVAL_TYPES = ("secs", "steps")
@@ -112,6 +126,80 @@ def check_constraints(config: Mapping[str, Any]) -> None:
             "None.")
 
 
+_NUMBER = (numbers.Real,)
+_INT = (numbers.Integral,)
+_BOOL = (bool, numbers.Integral)  # numpy's bool_ is checked by name.
+# Key -> (accepted types, None allowed, what to write instead). Bools accept
+# ints too, since Python reads them alike; strings there are a bug ("False").
+_TYPES = {
+    "training_steps": (_INT, True, "a whole number of steps"),
+    "interval_type": ((str,), True, "'secs' or 'steps'"),
+    "save_checkpoint_interval": (_NUMBER, True, "a number (<= 0: off)"),
+    "log_tensors_interval": (_NUMBER, True, "a number > 0, or None"),
+    "periodic_action_growth_ratios": ((list, tuple), True,
+                                      "a list of numbers, or None"),
+    "log_train_data_interval": (_NUMBER, True, "a number > 0, or None"),
+    "logging_interval_type": ((str,), True, "'secs', 'steps' or None"),
+    "checkpoint_interval_type": ((str,), True, "'secs', 'steps' or None"),
+    "max_checkpoints_to_keep": (_INT, False, "a whole number"),
+    "random_seed": (_INT, False, "a whole number"),
+    "random_mode_train": ((str,), False, "an RNG mode name"),
+    "random_mode_eval": ((str,), False, "an RNG mode name"),
+    "best_model_eval_metric": ((str,), True, "a key evaluate() returns"),
+    "experiment_kwargs": ((Mapping, config_dict.ConfigDict,
+                           config_dict.FrozenConfigDict), True,
+                          "a ConfigDict"),
+    "terminate_on_nan": (_BOOL, False, "True or False"),
+    "step_timeout_secs": (_NUMBER, True, "seconds > 0, or None"),
+    "preemption_grace_secs": (_NUMBER, True, "seconds > 0, or None"),
+    "profile_start_step": (_INT, True, "a step >= 0, or None"),
+    "profile_num_steps": (_INT, False, "a number of steps > 0"),
+}
+_BOOLS = ("log_async", "log_all_hosts", "save_initial_train_checkpoint",
+          "train_checkpoint_all_hosts", "best_checkpoint_all_hosts",
+          "log_all_train_data", "eval_initial_weights", "one_off_evaluate",
+          "legacy_random_seed_behavior",
+          "best_model_eval_metric_higher_is_better")
+# Keys that must be > 0 when set (0.0.8 divided by them or spun on them).
+_POSITIVE = ("log_tensors_interval", "log_train_data_interval",
+             "step_timeout_secs", "preemption_grace_secs",
+             "profile_num_steps")
+
+
+def _check_types(config: Mapping[str, Any]) -> None:
+  """Names a key whose value has the wrong type, before anything runs."""
+  types = dict(_TYPES)
+  types.update({k: (_BOOL, True, "True or False") for k in _BOOLS})
+  for key, (accepted, none_ok, want) in types.items():
+    if key not in config:
+      continue
+    value = config[key]
+    if value is None and none_ok:
+      continue
+    if accepted is _BOOL and type(value).__name__ == "bool_":
+      continue
+    bad_bool = isinstance(value, bool) and bool not in accepted
+    if bad_bool or not isinstance(value, accepted):
+      raise ValueError(
+          f"config.{key}={value!r} ({type(value).__name__}) has the wrong "
+          f"type; set it to {want}.")
+  for key in _POSITIVE:
+    value = config.get(key, None) if hasattr(config, "get") else None
+    if value is not None and value <= 0:
+      raise ValueError(f"config.{key}={value!r} must be > 0; set a positive "
+                       "number" + (", or None to turn it off." if _TYPES.get(
+                           key, (0, False))[1] else "."))
+  start = config.get("profile_start_step", None)
+  if start is not None:
+    if start < 0:
+      raise ValueError(f"config.profile_start_step={start} is negative; set "
+                       "the first step to trace (>= 0), or None.")
+    if not config.get("checkpoint_dir", ""):
+      raise ValueError("config.profile_start_step is set, but "
+                       "config.checkpoint_dir is not: traces go to "
+                       "<checkpoint_dir>/profile. Set checkpoint_dir.")
+
+
 def _check_values(config: Mapping[str, Any]) -> None:
   """Rejects values that 0.0.8 could not use, naming the key."""
   for key in ("random_mode_train", "random_mode_eval"):
@@ -177,8 +265,33 @@ def validate_config(config: Mapping[str, Any]) -> None:
   base = get_base_config()
   validate_keys(base, config)
   _check_misspellings(base, config)
+  _check_types(config)
   check_constraints(config)
   _check_values(config)
+
+
+# The value type of each optional key whose default is None, so that a
+# command-line override of it parses.
+_OPTIONAL_NONE_TYPES = {"step_timeout_secs": float, "profile_start_step": int}
+
+
+def add_optional_keys(config: config_dict.ConfigDict,
+                      keys: Sequence[str]) -> None:
+  """Adds the named optional keys that `config` lacks, with their defaults.
+
+  A key whose default is None gets a typed placeholder, so that
+  `--config.step_timeout_secs=600` parses as a float. Other keys are ignored.
+  """
+  missing = [k for k in dict.fromkeys(keys)
+             if k in OPTIONAL_KEYS and k not in config]
+  if not missing:
+    return
+  with config.unlocked():
+    for key in missing:
+      default = OPTIONAL_KEYS[key]
+      if default is None:
+        default = config_dict.placeholder(_OPTIONAL_NONE_TYPES[key])
+      config[key] = default
 
 
 def resolve(config: config_dict.ConfigDict) -> config_dict.ConfigDict:

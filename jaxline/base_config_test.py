@@ -8,6 +8,7 @@ int default accepts), while typos and impossible combinations fail early.
 from absl.testing import absltest
 from absl.testing import parameterized
 from ml_collections import config_dict
+import numpy as np
 
 from jaxline import base_config
 
@@ -420,6 +421,93 @@ class ResolveTest(absltest.TestCase):
                      10.0)
     self.assertIsInstance(
         base_config.OPTIONAL_KEYS["eval_poll_interval_secs"], float)
+
+
+
+def _plain(**changes):
+  """A config built without the base config's types, as by hand."""
+  values = base_config.get_base_config().to_dict()
+  values.update(changes)
+  return config_dict.ConfigDict(values)
+
+
+class TypeChecksTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ("training_steps", "abc", "config.training_steps='abc' (str) has the "
+       "wrong type; set it to a whole number of steps."),
+      ("training_steps", 1.5, "config.training_steps=1.5 (float)"),
+      ("training_steps", True, "config.training_steps=True (bool)"),
+      ("log_tensors_interval", "60", "config.log_tensors_interval='60' (str)"),
+      ("log_async", "False", "config.log_async='False' (str) has the wrong "
+       "type; set it to True or False."),
+      ("random_seed", 4.2, "config.random_seed=4.2 (float)"),
+      ("interval_type", 5, "config.interval_type=5 (int)"),
+      ("periodic_action_growth_ratios", 2, "periodic_action_growth_ratios=2"),
+      ("terminate_on_nan", "yes", "config.terminate_on_nan='yes' (str)"),
+      ("step_timeout_secs", "10", "config.step_timeout_secs='10' (str)"),
+      ("profile_start_step", 1.5, "config.profile_start_step=1.5 (float)"),
+  )
+  def test_wrong_type_names_the_key_and_the_fix(self, key, value, message):
+    with self.assertRaisesRegex(ValueError, message.replace(
+        "(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+      base_config.validate_config(_plain(**{key: value}))
+
+  @parameterized.parameters(
+      ("log_tensors_interval", 0), ("log_tensors_interval", -5),
+      ("log_train_data_interval", 0.0), ("step_timeout_secs", 0),
+      ("preemption_grace_secs", -1.0), ("profile_num_steps", 0))
+  def test_zero_or_negative_interval_names_the_key(self, key, value):
+    with self.assertRaisesRegex(ValueError, f"config.{key}={value!r} must be "
+                                "> 0"):
+      base_config.validate_config(_plain(**{key: value}))
+
+  @parameterized.parameters(
+      {"save_checkpoint_interval": -1},  # c3: saving off.
+      {"save_checkpoint_interval": 0},
+      {"training_steps": None, "interval_type": None,
+       "logging_interval_type": "steps", "checkpoint_interval_type": "steps"},
+      {"log_train_data_interval": None, "log_tensors_interval": 100},
+      {"best_checkpoint_all_hosts": None, "log_async": 0},
+      {"training_steps": np.int64(5), "log_tensors_interval": np.float32(1)},
+      {"terminate_on_nan": False, "step_timeout_secs": 600,
+       "profile_start_step": 10, "checkpoint_dir": "/tmp/x"},
+  )
+  def test_real_world_values_pass(self, **changes):
+    base_config.validate_config(_plain(**changes))
+
+  def test_profile_needs_a_checkpoint_dir(self):
+    with self.assertRaisesRegex(ValueError, "profile_start_step is set, but "
+                                "config.checkpoint_dir is not"):
+      base_config.validate_config(_plain(profile_start_step=3))
+    with self.assertRaisesRegex(ValueError, "profile_start_step=-1 is "
+                                "negative"):
+      base_config.validate_config(_plain(profile_start_step=-1,
+                                         checkpoint_dir="/tmp/x"))
+
+
+class AddOptionalKeysTest(absltest.TestCase):
+
+  def test_adds_named_optional_keys_with_defaults_and_types(self):
+    config = base_config.get_base_config()
+    config.lock()
+    base_config.add_optional_keys(
+        config, ["terminate_on_nan", "step_timeout_secs", "training_steps",
+                 "not_a_key"])
+    self.assertIs(config.terminate_on_nan, True)
+    self.assertIsNone(config.step_timeout_secs)
+    self.assertEqual(config.get_type("step_timeout_secs"), float)
+    self.assertNotIn("not_a_key", config)
+    self.assertNotIn("profile_start_step", config)
+    config.step_timeout_secs = 30.0  # Now overridable, and still locked.
+    with self.assertRaises(AttributeError):
+      config.something_new = 1
+
+  def test_keeps_values_the_user_set(self):
+    config = base_config.get_base_config()
+    config.terminate_on_nan = False
+    base_config.add_optional_keys(config, ["terminate_on_nan"])
+    self.assertIs(config.terminate_on_nan, False)
 
 
 if __name__ == "__main__":

@@ -12,17 +12,20 @@ and runs as `python experiment.py --config=experiment.py`.
 import copy
 import sys
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from absl import flags
 from absl import logging
 import chex
 import jax
+from ml_collections import config_dict
 from ml_collections import config_flags
 
 from jaxline import base_config
 from jaxline import checkpointing
 from jaxline import distributed
+from jaxline import dry_run
+from jaxline import nonfinite
 from jaxline import preemption
 from jaxline import train
 from jaxline import utils
@@ -42,6 +45,10 @@ _TPU_DRIVER = flags.DEFINE_string(
     "jaxline_tpu_driver", "", "Unsupported: tpu_driver no longer exists.")
 _ENSURE_TPU = flags.DEFINE_bool(
     "jaxline_ensure_tpu", False, "Fail unless a TPU is available.")
+_DRY_RUN = flags.DEFINE_bool(
+    "jaxline_dry_run", False,
+    "Build the experiment, run one training step and one evaluate, print the "
+    "checkpoint entries and scalar keys, and exit; writes nothing.")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "jaxline_print_config", False,
     "Print the fully resolved config (defaults filled in) and exit.")
@@ -55,6 +62,56 @@ _PROCESS_ID = flags.DEFINE_integer(
     "jaxline_process_id", None, "This process's index, in [0, processes).")
 
 VALID_MODES = ("train", "eval", "eval_*", "train_eval_multithreaded")
+
+
+def _short_override_errors(flag: flags.Flag) -> None:
+  """Makes a bad `--config.<key>=...` a two-line error, not a traceback.
+
+  ml_collections raises AttributeError/KeyError for an unknown key (with a
+  "Did you mean" suggestion); absl prints its own flag errors in two lines.
+  """
+  parse = flag._parse  # pylint: disable=protected-access
+
+  def short_parse(argument):
+    try:
+      return parse(argument)
+    except (AttributeError, KeyError) as e:
+      text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+      text = " ".join(line.strip(" '\"") for line in text.splitlines())
+      raise flags.IllegalFlagValueError(
+          f"a --config override names a key the config does not have: "
+          f"{text}") from None
+
+  flag._parse = short_parse  # pylint: disable=protected-access
+
+
+def _accept_optional_key_overrides(flag: flags.Flag) -> None:
+  """Lets `--config.<optional key>=...` work on configs that lack the key.
+
+  Optional keys (`base_config.OPTIONAL_KEYS`, such as `terminate_on_nan`) are
+  not in 0.0.8-era configs, and ml_collections only overrides keys that
+  exist. Each one named by an override is added, with its default and type,
+  after the config file is loaded and before the overrides are applied.
+  """
+  parser = flag.parser
+  parse = parser.parse
+
+  def parse_and_add_keys(argument):
+    config = parse(argument)
+    try:
+      overrides = flag._GetOverrides(flag._GetArgv())  # pylint: disable=protected-access
+    except Exception:  # pylint: disable=broad-except  # Reported by _parse.
+      return config
+    if isinstance(config, config_dict.ConfigDict):
+      base_config.add_optional_keys(
+          config, [o.split(".")[0] for o in overrides])
+    return config
+
+  parser.parse = parse_and_add_keys
+
+
+_short_override_errors(FLAGS["config"])
+_accept_optional_key_overrides(FLAGS["config"])
 
 
 def create_checkpointer(config, mode: str) -> utils.Checkpointer:
@@ -104,6 +161,7 @@ def _close(writer: Any) -> None:
 
 def _run_train(experiment_class, config, checkpointer_factory, writer_factory,
                periodic_actions=(), stop_event=None) -> None:
+  """Trains with the factories' checkpointer and writer, closing both."""
   checkpointer = checkpointer_factory(config, "train")
   writer = writer_factory(config, "train")
   try:
@@ -127,7 +185,7 @@ def _run_eval(experiment_class, config, checkpointer_factory, writer_factory,
 
 
 def _train_eval_multithreaded(experiment_class, config, checkpointer_factory,
-                              writer_factory) -> None:
+                              writer_factory, periodic_actions=()) -> None:
   """Trains in a thread and evaluates here; a failure in either stops both.
 
   A preemption signal, caught here in the main thread, stops training with a
@@ -141,7 +199,8 @@ def _train_eval_multithreaded(experiment_class, config, checkpointer_factory,
   def train_thread():
     try:
       _run_train(experiment_class, config, checkpointer_factory,
-                 writer_factory, periodic_actions=(_StopWhenSet(eval_failed),),
+                 writer_factory, periodic_actions=tuple(periodic_actions) + (
+                     _StopWhenSet(eval_failed),),
                  stop_event=preempted)
     except BaseException as e:  # pylint: disable=broad-except
       train_errors.append(e)
@@ -170,22 +229,34 @@ def main(experiment_class: Callable[..., Any],
          argv: Any,
          checkpointer_factory: Callable[..., utils.Checkpointer] = (
              create_checkpointer),
-         writer_factory: Optional[Callable[..., Any]] = None) -> None:
-  """Runs `experiment_class` in the mode given by --jaxline_mode."""
+         writer_factory: Optional[Callable[..., Any]] = None,
+         *,
+         periodic_actions: Sequence[Any] = ()) -> None:
+  """Runs `experiment_class` in the mode given by --jaxline_mode.
+
+  `periodic_actions` (for example `utils.PeriodicAction`s, which may raise
+  `utils.StopTraining` to stop early) run after each training step, before
+  jaxline's own logging and saving.
+  """
   try:
-    _main(experiment_class, argv, checkpointer_factory, writer_factory)
+    _main(experiment_class, argv, checkpointer_factory, writer_factory,
+          tuple(periodic_actions))
   except Exception as e:  # pylint: disable=broad-except
     distributed.exit_on_error_if_multiprocess(e)
+    if isinstance(e, nonfinite.NonFiniteError):
+      # Already logged once, with its traceback, where training stopped.
+      logging.flush()
+      raise SystemExit(1) from None
     raise
   distributed.mark_finished()
 
 
 @utils.debugger_fallback
 def _main(experiment_class: Callable[..., Any],
-         argv: Any,
-         checkpointer_factory: Callable[..., utils.Checkpointer] = (
-             create_checkpointer),
-         writer_factory: Optional[Callable[..., Any]] = None) -> None:
+          argv: Any,
+          checkpointer_factory: Callable[..., utils.Checkpointer],
+          writer_factory: Optional[Callable[..., Any]],
+          periodic_actions: Sequence[Any]) -> None:
   del argv
   if not FLAGS.is_parsed():
     FLAGS(sys.argv)
@@ -205,18 +276,22 @@ def _main(experiment_class: Callable[..., Any],
                          FLAGS.jaxline_num_processes, FLAGS.jaxline_process_id)
   if FLAGS.jaxline_ensure_tpu:
     chex.assert_tpu_available()
+  if FLAGS.jaxline_dry_run:
+    dry_run.dry_run(experiment_class, config)
+    return
   if writer_factory is None:
     writer_factory = create_writer
 
   mode = FLAGS.jaxline_mode
   if mode == "train":
-    _run_train(experiment_class, config, checkpointer_factory, writer_factory)
+    _run_train(experiment_class, config, checkpointer_factory, writer_factory,
+               periodic_actions=periodic_actions)
   elif mode.startswith("eval"):
     _run_eval(experiment_class, config, checkpointer_factory, writer_factory,
               mode, mode)
   elif mode == "train_eval_multithreaded":
     _train_eval_multithreaded(experiment_class, config, checkpointer_factory,
-                              writer_factory)
+                              writer_factory, periodic_actions)
   else:
     raise ValueError(f"Mode {mode} not recognized. Valid modes: "
                      f"{', '.join(VALID_MODES)}.")
