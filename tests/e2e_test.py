@@ -23,10 +23,10 @@ _EXPERIMENT = os.path.join(_TESTDATA, "experiment.py")
 _DIRECT_MAIN = os.path.join(_TESTDATA, "direct_main.py")
 _TIMEOUT_SECS = 240
 
-# The stdout action's line, with the steps/sec and ETA suffix.
+# The stdout action's line, with progress (the first line has no rate yet).
 _PROGRESS_RE = re.compile(
     r"global_step: (\d+), \{.*'loss': [-\d.e]+.*\} "
-    r"\[[\d.]+ steps/sec, ETA \d+:\d\d:\d\d\]")
+    r"\[\d+/\d+ \([\d.]+%\)(?:, [\d.e+]+ steps/s, ETA \d+:\d\d:\d\d)?\]")
 _EVALUATED_RE = re.compile(
     r"Evaluated step (\d+) \(mode=(\S+), host_steps=(\d+)\)")
 
