@@ -98,3 +98,16 @@ def test_check_mode_passes_on_the_checked_in_files():
       capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stdout + result.stderr
   assert f"{len(_CONFIG_IDS)} configs checked, 0 problem(s)." in result.stdout
+
+
+def test_every_preset_has_its_own_relative_run_directory():
+  # A shared absolute default (/tmp/...) lets two users, or two presets,
+  # resume each other's checkpoints by accident.
+  directories = {}
+  for config_id in _CONFIG_IDS:
+    directory = golden_configs.resolve(config_id).checkpoint_dir
+    assert directory and not directory.startswith("/"), (config_id, directory)
+    assert "tmp" not in directory.split("/"), (config_id, directory)
+    directories.setdefault(directory, []).append(str(config_id))
+  shared = {d: ids for d, ids in directories.items() if len(ids) > 1}
+  assert not shared, shared

@@ -9,9 +9,9 @@ That trains a small transformer on the source of Python's standard library,
 offline, in a few minutes on a laptop CPU, and ends with a line like
 "Final evaluation at step 500 on 32768 validation characters: loss 1.67,
 bits/char 2.41" (README.md has the measured numbers). Checkpoints and
-TensorBoard logs go to /tmp/jaxline_charlm; a second run with the same
-directory resumes from it (delete it to start over, or raise
---config.training_steps to train on).
+TensorBoard logs go to runs/charlm_<preset> under the current directory; a
+second run with the same directory resumes from it and says from which step
+(delete it to start over, or raise --config.training_steps to train on).
 
 Presets (`--config=examples/charlm/config.py:<preset>`):
 
@@ -64,8 +64,8 @@ def get_config(arg: Optional[str] = None) -> config_dict.ConfigDict:
   # The evaluator keeps the checkpoint with the lowest validation loss.
   config.best_model_eval_metric = "loss"
   config.best_model_eval_metric_higher_is_better = False
-  config.checkpoint_dir = ("/tmp/jaxline_charlm" if preset == "default" else
-                           f"/tmp/jaxline_charlm_{preset}")
+  # Relative to the current directory; one directory per preset.
+  config.checkpoint_dir = f"runs/charlm_{preset}"
   # Short runs: look for new checkpoints often (jaxline's default is 10 s).
   config.eval_poll_interval_secs = 1.0
 

@@ -86,8 +86,8 @@ def get_config(arg: Optional[str] = None) -> config_dict.ConfigDict:
   # evaluation interval is the checkpoint interval. Keep all of them.
   config.max_checkpoints_to_keep = 2 if tiny else 10
   config.best_model_eval_metric = "top_1_acc"
-  config.checkpoint_dir = ("/tmp/jaxline_imagenet_tiny" if tiny
-                           else "/tmp/jaxline_imagenet")
+  # Relative to the current directory; one directory per preset.
+  config.checkpoint_dir = "runs/imagenet_tiny" if tiny else "runs/imagenet"
   config.eval_poll_interval_secs = 1.0 if tiny else 60.0
 
   config.experiment_kwargs = config_dict.ConfigDict()

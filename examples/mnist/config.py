@@ -7,8 +7,11 @@ Train and evaluate side by side (from the repository root):
 
 That trains a small convnet on scikit-learn's bundled 8x8 digits, offline,
 and ends with a line like "Final evaluation at step 500 ... accuracy: 0.9917".
-Checkpoints and TensorBoard logs go to /tmp/jaxline_mnist; a second run with
-the same directory resumes from it (delete it to start over).
+Checkpoints and TensorBoard logs go to runs/mnist_digits under the current
+directory (runs/mnist_mnist for the mnist preset), so runs of different users
+or projects never share one. A second run with the same directory resumes
+from it and says from which step; delete it, or pass another
+--config.checkpoint_dir, to start over.
 
 Variants:
 
@@ -22,10 +25,10 @@ Variants:
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
   python -m examples.mnist.experiment --config=examples/mnist/config.py \
       --jaxline_mode=train_eval_multithreaded \
-      --config.checkpoint_dir=/tmp/jaxline_mnist_8dev
+      --config.checkpoint_dir=runs/mnist_8dev
 
 Any key below can be overridden the same way, for example
-`--config.training_steps=2000`, `--config.checkpoint_dir=/tmp/other` or
+`--config.training_steps=2000`, `--config.checkpoint_dir=runs/other` or
 `--config.experiment_kwargs.config.model.kind=mlp`.
 """
 
@@ -53,7 +56,8 @@ def get_config(arg: Optional[str] = None) -> config_dict.ConfigDict:
   config.save_checkpoint_interval = 100 if dataset == "digits" else 500
   # The evaluator keeps the checkpoint with the best test accuracy.
   config.best_model_eval_metric = "accuracy"
-  config.checkpoint_dir = "/tmp/jaxline_mnist"
+  # Relative to the current directory; one directory per preset.
+  config.checkpoint_dir = f"runs/mnist_{dataset}"
   # Short runs: look for new checkpoints often (jaxline's default is 10 s).
   config.eval_poll_interval_secs = 1.0
 

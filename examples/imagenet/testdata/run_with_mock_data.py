@@ -7,7 +7,7 @@ ImageNet on disk:
 
   python -m examples.imagenet.testdata.run_with_mock_data \
       --config=examples/imagenet/config.py:tiny \
-      --config.checkpoint_dir=/tmp/imagenet_mock
+      --config.checkpoint_dir=runs/imagenet_mock
 
 Every split holds `--mock_num_examples` random JPEGs with random labels.
 Test-only: the experiment itself knows nothing about mocking.
