@@ -12,6 +12,10 @@ runs, in one process and interleaved repeats, through:
   loop      `experiment.train_loop` called directly, no periodic actions.
   train     `jaxline.train.train(...)` as a user runs it: InMemoryCheckpointer,
             step-interval logging, a huge checkpoint interval, a no-op writer.
+            The non-finite guard (`terminate_on_nan`, default True) and the
+            progress line are on, as by default.
+  noguard   `train` with `config.terminate_on_nan = False`: no guard. The
+            guard's cost is train - noguard.
   orig      `train` with jaxline 0.0.8's per-step loop work re-created: the
             same-run reference (pmap style).
   proposed  with --proposed: `train` with a prototype of the proposed loop;
@@ -22,14 +26,27 @@ time) every `--window` steps after a warm-up, so every window holds the same
 loop iterations whatever drives them. "added" is jaxline's median us/step
 minus bare's. `--breakdown` times the loop's pieces.
 
+Then, unless `--skip_sync_check`, the per-step sync check runs `train()` (guard
+and progress line on) with `train_loop` under
+`jax.transfer_guard_device_to_host("disallow_explicit")` and counts, by
+thread, every device-to-host fetch of a jax.Array and every wait on one: no
+action firing (the loop thread must fetch nothing), every step logged
+asynchronously (the fetches must all be in the actions' worker threads), and
+a control logged synchronously (the loop thread fetches every step, which the
+check must see). The guard is thread-local and, on XLA:CPU, never sees a
+device-to-host copy (numpy gets a zero-copy view), so the counts are the
+evidence; a small probe prints what the guard does on the backend in use.
+
 Usage:
   python benchmarks/loop_overhead.py                 # 1 and 8 CPU devices
   python benchmarks/loop_overhead.py --devices 8     # one device count
   python benchmarks/loop_overhead.py --proposed --breakdown
+  python benchmarks/loop_overhead.py --devices native --sync_check_only
 
 `--devices` sets `--xla_force_host_platform_device_count` (and
 JAX_PLATFORMS=cpu) before JAX is imported; with several counts each runs in
-a child process. It prints results, exits 0, and never asserts on timings.
+a child process; `native` leaves the platform to JAX (a GPU, say). It prints
+results, exits 0, and never asserts on timings.
 """
 
 import os
@@ -56,7 +73,7 @@ def _force_device_count(count):
 
 
 _REQUESTED_DEVICES = _devices_from_argv(sys.argv)
-if "," not in _REQUESTED_DEVICES:
+if "," not in _REQUESTED_DEVICES and _REQUESTED_DEVICES != "native":
   _force_device_count(int(_REQUESTED_DEVICES))
 # Run from a checkout without installing: the repository root goes first.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
@@ -91,8 +108,10 @@ import numpy as np
 from jaxline import base_config
 from jaxline import devices as devices_lib
 from jaxline import experiment as experiment_lib
+from jaxline import nonfinite
 from jaxline import periodic
 from jaxline import preemption
+from jaxline import progress
 from jaxline import rng as rng_lib
 from jaxline import sharding
 from jaxline import train as train_lib
@@ -428,8 +447,8 @@ def _run_fused(exp: MlpExperiment, total: int) -> None:
     _, step, state_rng = exp.fused_step(step, state_rng)
 
 
-def _loop_config(style: str, total: int, log_every: int):
-  """The config a user would write for this run."""
+def _loop_config(style: str, total: int, log_every: int, **overrides):
+  """The config a user would write for this run, then `overrides`."""
   config = base_config.get_base_config()
   config.training_steps = total
   config.interval_type = "steps"
@@ -438,6 +457,8 @@ def _loop_config(style: str, total: int, log_every: int):
   config.save_checkpoint_interval = 10**9
   if style != "pmap":
     config.experiment_style = style
+  for key, value in overrides.items():
+    config[key] = value
   return config
 
 
@@ -453,22 +474,25 @@ def _run_train_loop(exp: MlpExperiment, total: int, log_every: int) -> None:
 
 
 def _run_train(exp_factory: Callable[..., Any], style: str, total: int,
-               log_every: int) -> None:
-  """`jaxline.train.train` as a user runs it, from a clean checkpoint dict."""
-  config = _loop_config(style, total, log_every)
+               log_every: int, **overrides) -> None:
+  """`jaxline.train.train` as a user runs it, from a clean checkpoint dict.
+
+  `overrides` are config keys set on top, e.g. `terminate_on_nan=False`.
+  """
+  config = _loop_config(style, total, log_every, **overrides)
   utils.GLOBAL_CHECKPOINT_DICT.clear()
   checkpointer = utils.InMemoryCheckpointer(config, "train")
   train_lib.train(exp_factory, config, checkpointer, writers.NullWriter())
   utils.GLOBAL_CHECKPOINT_DICT.clear()
 
 
-VARIANTS = ("floor", "fused", "bare", "loop", "train")
+VARIANTS = ("floor", "fused", "bare", "loop", "train", "noguard")
 # train() with 0.0.8's loop re-created (pmap style only).
 ORIG = ("orig",)
 # train() with the prototype loop (--proposed; pmap style only).
 PROPOSED = ("proposed", "chunked")
 # Rows of the summary table, each against "bare".
-_ROWS = ("loop", "train") + ORIG + PROPOSED
+_ROWS = ("loop", "train", "noguard") + ORIG + PROPOSED
 METRICS = ("wall", "cpu")
 
 
@@ -487,6 +511,8 @@ def _measure_style(style: str, args) -> Dict[str, Dict[str, List[List[float]]]]:
       "bare": lambda n: _run_bare(exp, n),
       "loop": lambda n: _run_train_loop(exp, n, args.log_every),
       "train": lambda n: _run_train(factory, style, n, args.log_every),
+      "noguard": lambda n: _run_train(factory, style, n, args.log_every,
+                                      terminate_on_nan=False),
   }
   variants = VARIANTS
   if style == "pmap":
@@ -607,11 +633,46 @@ def _print_table(rows: List[Dict[str, Any]]) -> None:
                    for k, v in REFERENCE_ADDED_US.items())
   print("added = jaxline - bare; ratio = jaxline / bare. loop = "
         "experiment.train_loop, no actions; train = jaxline.train.train with "
-        "its default actions;\norig = train() with jaxline 0.0.8's per-step "
+        "its default actions (non-finite guard and progress line on);\n"
+        "noguard = train with terminate_on_nan=False; orig = train() with "
+        "jaxline 0.0.8's per-step "
         "work re-created (pmap style); proposed/chunked = train() with the "
         "prototype loop (--proposed).\n< issue: median added below what 0.0.8 "
         f"on JAX 0.10.2 adds per the issue ({refs}); < orig: median added "
         "below orig's in this run.")
+  _print_guard_cost(rows)
+
+
+def _print_guard_cost(rows: List[Dict[str, Any]]) -> None:
+  """The non-finite guard's cost: train (guard on) - noguard, per metric."""
+  by_key = {(r["metric"], r["devices"], r["style"], r.get("variant")): r
+            for r in rows}
+  cases = sorted({(r["devices"], r["style"]) for r in rows
+                  if r.get("variant") == "noguard"})
+  if not cases:
+    return
+  print("\nNon-finite guard's cost per step, train (guard on) - noguard "
+        "(guard off), us/step; both runs have the progress line:")
+  header = (f"{'devices':>7} {'style':>7} | {'wall':>7} {'cpu':>7} | "
+            f"{'wall':>7} {'cpu':>7}")
+  print(header)
+  print(f"{'':>7} {'':>7} | {'median':^15} | {'fastest window':^15}")
+  print("-" * len(header))
+  for devices, style in cases:
+    median, fastest = [], []
+    for metric in METRICS:
+      on = by_key.get((metric, devices, style, "train"))
+      off = by_key.get((metric, devices, style, "noguard"))
+      if on is None or off is None:
+        median.append(float("nan"))
+        fastest.append(float("nan"))
+        continue
+      median.append(on["jaxline_us"] - off["jaxline_us"])
+      fastest.append(on["jaxline_min"] - off["jaxline_min"])
+    print(f"{devices:>7} {style:>7} | {median[0]:7.1f} {median[1]:7.1f} | "
+          f"{fastest[0]:7.1f} {fastest[1]:7.1f}")
+  print("Within noise when it is small next to how far the bare baseline's "
+        "and train's medians move between runs (the per-run columns above).")
 
 
 # ---------------------------------------------------------------------------
@@ -835,6 +896,11 @@ def _breakdown_host(args) -> List[str]:
                                        run_async=True,
                                        end_step_to_action=10**12)
   stop_action = preemption.StopOnSignal(threading.Event())
+  guard_action = nonfinite.NonFiniteGuard()
+  progress_action = progress.ProgressLogger(
+      training_steps=10**12, interval_type="steps", interval=10**9,
+      run_async=True, fn_wrapper=guard_action.checked)
+  progress_action(0.0, 1, {})  # Its first call records the first step.
   scalars = {"loss": key}
 
   rows = [
@@ -857,6 +923,9 @@ def _breakdown_host(args) -> List[str]:
       ("PeriodicAction, secs, not firing", action_call(secs_action)),
       ("PeriodicAction, writer-style (end step), not firing",
        action_call(end_action)),
+      ("ProgressLogger (progress line), not firing",
+       action_call(progress_action)),
+      ("NonFiniteGuard (keeps a reference)", action_call(guard_action)),
       ("preemption.StopOnSignal", lambda: stop_action(0.0, 1, {})),
   ]
   costs = {label: _host_us(fn) for label, fn in rows}
@@ -864,8 +933,9 @@ def _breakdown_host(args) -> List[str]:
   # What one iteration of the default loop does on the host, besides the two
   # device calls: 3 reads of state.global_step (loop test, annotation,
   # actions), the += and the key write, the annotation, time.time(),
-  # should_run_step, the output check, and train()'s four actions (stdout
-  # log, checkpoint, writer, StopOnSignal), none firing.
+  # should_run_step, the output check, and train()'s five actions
+  # (non-finite guard, progress line, checkpoint, writer, StopOnSignal), none
+  # firing.
   loop = (3 * costs["state.global_step read (ConfigDict)"] +
           costs["state.global_step += 1 (ConfigDict)"] +
           costs["state.train_step_rng = key (ConfigDict)"] +
@@ -873,7 +943,9 @@ def _breakdown_host(args) -> List[str]:
           costs["time.time()"] +
           costs["should_run_step(int, ConfigDict)"] +
           costs["isinstance(scalars, Mapping)"] +
-          2 * costs["PeriodicAction, steps, not firing"] +
+          costs["NonFiniteGuard (keeps a reference)"] +
+          costs["ProgressLogger (progress line), not firing"] +
+          costs["PeriodicAction, steps, not firing"] +
           costs["PeriodicAction, writer-style (end step), not firing"] +
           costs["preemption.StopOnSignal"])
   items = (costs["state['global_step'] += 1 (ConfigDict item)"] +
@@ -933,6 +1005,281 @@ def _print_breakdown(args) -> None:
 
 
 # ---------------------------------------------------------------------------
+# The per-step sync check: what the loop's thread fetches from the devices.
+# ---------------------------------------------------------------------------
+
+# Timed windows of the clock in each sync-check run: its waits happen under
+# the transfer guard too.
+_SYNC_WINDOWS = 3
+# (case, log interval in steps or None for longer than the run, log_async).
+_SYNC_CASES = (
+    ("quiet", None, True),
+    ("async", 1, True),
+    ("control", 1, False),
+)
+
+
+class _SyncCounter:
+  """Counts fetches of jax.Arrays to the host, and waits on them, by thread.
+
+  While entered, it wraps `ArrayImpl._value`, through which every copy of an
+  array to numpy goes (`np.asarray`, `jax.device_get`, `float`, `.tolist()`,
+  printing), `ArrayImpl.block_until_ready`, and the batched wait behind
+  `jax.block_until_ready` with several arrays. A fetch counts when the array
+  has no host copy yet. Unlike the transfer guard, it works on every backend
+  and in every thread. These are JAX internals: where they are missing,
+  `available` stays False and nothing is counted.
+
+  Counts are keyed by (place, kind). Places: "loop" is the thread that
+  entered the counter while `in_loop` is set (inside `train_loop`), "train"
+  that thread otherwise (train()'s setup, final checks and save), "other"
+  any other thread (asynchronous actions). Kinds: "fetch", "wait".
+  """
+
+  def __init__(self):
+    self.counts = collections.Counter()
+    self.in_loop = False
+    self.available = False
+    self._thread = None
+    self._lock = threading.Lock()
+    self._restore = []
+
+  def record(self, kind: str) -> None:
+    if threading.get_ident() != self._thread:
+      place = "other"
+    else:
+      place = "loop" if self.in_loop else "train"
+    with self._lock:
+      self.counts[(place, kind)] += 1
+
+  def __enter__(self) -> "_SyncCounter":
+    self._thread = threading.get_ident()
+    try:
+      # pylint: disable=g-import-not-at-top
+      from jax._src import api as jax_api
+      from jax._src import array as jax_array
+      # pylint: enable=g-import-not-at-top
+      impl = jax_array.ArrayImpl
+      value = impl.__dict__["_value"]
+      block = impl.__dict__["block_until_ready"]
+      batched = jax_api.xc.batched_block_until_ready
+    except (ImportError, KeyError, AttributeError):
+      return self
+
+    def counted_value(array):
+      if getattr(array, "_npy_value", None) is None:
+        self.record("fetch")
+      return value.fget(array)
+
+    def counted_block(array):
+      self.record("wait")
+      return block(array)
+
+    def counted_batched(arrays):
+      self.record("wait")
+      return batched(arrays)
+
+    self._restore = [(impl, "_value", value),
+                     (impl, "block_until_ready", block),
+                     (jax_api.xc, "batched_block_until_ready", batched)]
+    impl._value = property(counted_value)  # pylint: disable=protected-access
+    impl.block_until_ready = counted_block
+    jax_api.xc.batched_block_until_ready = counted_batched
+    self.available = True
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for owner, name, original in self._restore:
+      setattr(owner, name, original)
+    self._restore = []
+
+
+class _GuardedExperiment(MlpExperiment):
+  """The MLP, with `train_loop` under the device-to-host transfer guard.
+
+  The guard ("disallow_explicit": no fetch at all, implicit or explicit)
+  applies to the thread that runs the loop; the counter marks that span.
+  """
+
+  def __init__(self, mode: str, init_rng: Optional[jax.Array] = None, *,
+               counter: _SyncCounter, **kwargs):
+    super().__init__(mode, init_rng, **kwargs)
+    self.counter = counter
+
+  def train_loop(self, config, state, periodic_actions, writer=None):
+    self.counter.in_loop = True
+    try:
+      with jax.transfer_guard_device_to_host("disallow_explicit"):
+        return super().train_loop(config, state, periodic_actions, writer)
+    finally:
+      self.counter.in_loop = False
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"[:160]
+
+
+def _transfer_guard_probe() -> Dict[str, Any]:
+  """What the transfer guard, set in this thread, stops here and elsewhere.
+
+  Under `jax.transfer_guard_device_to_host("disallow_explicit")` it fetches
+  a fresh array in this thread and another in a new thread; likewise a
+  `jax.device_put` of a numpy array under the host-to-device guard. Each
+  result is "raised" or "allowed".
+  """
+
+  def attempt(fn: Callable[[], Any]) -> str:
+    try:
+      fn()
+    except Exception:  # pylint: disable=broad-except
+      return "raised"
+    return "allowed"
+
+  def in_new_thread(fn: Callable[[], Any]) -> str:
+    result = []
+    thread = threading.Thread(target=lambda: result.append(attempt(fn)))
+    thread.start()
+    thread.join()
+    return result[0]
+
+  make = jax.jit(lambda i: jnp.arange(3.0) + i)
+  fresh = [make(i) for i in range(2)]  # Computed: no host copy yet.
+  jax.block_until_ready(fresh)
+  host = np.ones(3, np.float32)
+  probe = {"metric": "probe", "devices": jax.local_device_count(),
+           "backend": jax.default_backend(), "jax": jax.__version__}
+  with jax.transfer_guard_device_to_host("disallow_explicit"):
+    probe["d2h_here"] = attempt(lambda: np.asarray(fresh[0]))
+    probe["d2h_thread"] = in_new_thread(lambda: np.asarray(fresh[1]))
+  with jax.transfer_guard_host_to_device("disallow_explicit"):
+    probe["h2d_here"] = attempt(lambda: jax.device_put(host))
+    probe["h2d_thread"] = in_new_thread(lambda: jax.device_put(host))
+  return probe
+
+
+def _sync_case(style: str, args, case: str, log_every: Optional[int],
+               log_async: bool, guard_sees_d2h: bool) -> Dict[str, Any]:
+  """One counted train() run; returns its row."""
+  clock = _Clock()
+  counter = _SyncCounter()
+  factory = functools.partial(_GuardedExperiment, style=style, clock=clock,
+                              counter=counter)
+  clock.arm(args.warmup, args.window, _SYNC_WINDOWS)
+  total = clock.total_steps()
+  error = None
+  gc.collect()
+  with counter:
+    try:
+      _run_train(factory, style, total, log_every or total + 1,
+                 log_async=log_async)
+    except Exception as e:  # pylint: disable=broad-except
+      error = _first_line(e)
+  counts = counter.counts
+  return {
+      "metric": "sync", "devices": jax.local_device_count(), "style": style,
+      "case": case, "steps": clock.calls, "counted": counter.available,
+      "loop_fetch": counts[("loop", "fetch")],
+      "loop_wait": counts[("loop", "wait")],
+      "clock_wait": len(clock.stamps),
+      "other_fetch": counts[("other", "fetch")],
+      "train_fetch": counts[("train", "fetch")],
+      "error": error, "guard_sees_d2h": guard_sees_d2h,
+  }
+
+
+def _sync_rows(args) -> List[Dict[str, Any]]:
+  """The probe's row, then one row per style and sync case."""
+  probe = _transfer_guard_probe()
+  rows = [probe]
+  for style in args.styles.split(","):
+    # Compile the step and the loop's device calls outside the count.
+    clock = _Clock()
+    _run_train(functools.partial(MlpExperiment, style=style, clock=clock),
+               style, 2, args.log_every)
+    for case, log_every, log_async in _SYNC_CASES:
+      try:
+        rows.append(_sync_case(style, args, case, log_every, log_async,
+                               probe["d2h_here"] == "raised"))
+      except Exception as e:  # pylint: disable=broad-except
+        traceback.print_exc()
+        print(f"  sync check {style}/{case} failed: {_first_line(e)}")
+  return rows
+
+
+def _sync_verdict(row: Dict[str, Any]) -> str:
+  """OK when the case shows what it is there to show."""
+  if not row["counted"]:
+    return "not counted"
+  if row["case"] == "quiet":
+    ok = (not row["error"] and row["loop_fetch"] == 0 and
+          row["loop_wait"] == row["clock_wait"])
+  elif row["case"] == "async":
+    ok = not row["error"] and row["loop_fetch"] == 0 and row["other_fetch"]
+  else:  # The control must be seen, by the counter or the guard.
+    ok = row["loop_fetch"] > 0 or bool(row["error"])
+  return "OK" if ok else "CHECK"
+
+
+def _print_sync(rows: List[Dict[str, Any]]) -> None:
+  """The probe's findings and the sync check's results, if any."""
+  probes = [r for r in rows if r["metric"] == "probe"]
+  syncs = [r for r in rows if r["metric"] == "sync"]
+  if not probes and not syncs:
+    return
+  print("\nPer-step syncs: train() with the non-finite guard and the progress "
+        "line on, its train_loop under\njax.transfer_guard_device_to_host("
+        "\"disallow_explicit\"); fetches of jax.Arrays to the host and waits "
+        "on them, counted by thread.")
+  for p in probes:
+    print(f"  transfer guard probe ({p['devices']} {p['backend']} device(s), "
+          f"jax {p['jax']}), guard set in the main thread: device-to-host "
+          f"fetch there {p['d2h_here']}, in a new thread {p['d2h_thread']}; "
+          f"host-to-device put there {p['h2d_here']}, in a new thread "
+          f"{p['h2d_thread']}.")
+    notes = []
+    if "raised" in (p["d2h_here"], p["h2d_here"]):
+      local = all(p[k] == "allowed" for k in ("d2h_thread", "h2d_thread"))
+      notes.append("the guard is thread-local: a context set in one thread "
+                   "does not apply in others" if local else
+                   "the guard also applied in the new thread")
+    if p["d2h_here"] == "allowed":
+      notes.append(f"on {p['backend']} it does not see device-to-host copies "
+                   "(numpy gets a zero-copy view; jax-ml/jax#16602), so here "
+                   "only the counts below show fetches")
+    if notes:
+      print("    => " + "; ".join(notes) + ".")
+  for r in syncs:
+    where = f"{r['devices']} device(s), {r['style']} style"
+    raised = (f"transfer guard raised: {r['error']}" if r["error"] else
+              "transfer guard did not raise")
+    if r["case"] == "quiet":
+      print(f"  {where}:\n    per-step device-to-host transfers in the loop "
+            f"thread (guard + progress on, {r['steps']} steps, no action "
+            f"firing but the writer's async one at the last step): "
+            f"{r['loop_fetch']}; waits there {r['loop_wait']} (the benchmark "
+            f"clock's: {r['clock_wait']}); {raised}; other threads fetched "
+            f"{r['other_fetch']}, train() outside the loop {r['train_fetch']}."
+            f" {_sync_verdict(r)}")
+    elif r["case"] == "async":
+      print(f"    every step logged, log_async=True ({r['steps']} steps): "
+            f"loop thread fetched {r['loop_fetch']}, the actions' worker "
+            f"threads {r['other_fetch']}; {raised}: the guard is thread-local,"
+            f" so it does not apply in the worker threads, where the fetches "
+            f"run. {_sync_verdict(r)}")
+    else:
+      if r["error"]:
+        raised += " (jaxline logged it, with a traceback, above)"
+      elif not r["guard_sees_d2h"]:
+        raised += " (it cannot see device-to-host copies on this backend)"
+      seen = ("the check sees the loop thread's fetches"
+              if _sync_verdict(r) == "OK" else "the fetches went unseen")
+      print(f"    control, every step logged, log_async=False ({r['steps']} "
+            f"steps): loop thread fetched {r['loop_fetch']}; {raised}. "
+            f"{_sync_verdict(r)}: {seen}.")
+
+
+# ---------------------------------------------------------------------------
 # Driver.
 # ---------------------------------------------------------------------------
 
@@ -940,7 +1287,8 @@ def _print_breakdown(args) -> None:
 def _parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--devices", default="1,8",
-                      help="Comma-separated forced CPU device counts.")
+                      help="Comma-separated forced CPU device counts, or "
+                      "'native' for the devices JAX finds.")
   parser.add_argument("--styles", default="pmap,sharded",
                       help="Experiment styles to run: pmap, sharded.")
   parser.add_argument("--window", type=int, default=50,
@@ -965,6 +1313,10 @@ def _parse_args(argv):
                       help="Also time the loop's pieces.")
   parser.add_argument("--breakdown_only", action="store_true",
                       help="Only the breakdown (implies --breakdown).")
+  parser.add_argument("--skip_sync_check", action="store_true",
+                      help="Skip the per-step sync check (on by default).")
+  parser.add_argument("--sync_check_only", action="store_true",
+                      help="Only the per-step sync check.")
   parser.add_argument("--breakdown_calls", type=int, default=400,
                       help="Steps per timed loop of a device-call row.")
   parser.add_argument("--breakdown_repeats", type=int, default=5)
@@ -986,7 +1338,8 @@ def _run_here(args) -> List[Dict[str, Any]]:
         f"warm-up steps then {args.windows} windows of {args.window} steps; "
         f"log_every={args.log_every} steps.", flush=True)
   rows = []
-  for style in [] if args.breakdown_only else args.styles.split(","):
+  timed = not (args.breakdown_only or args.sync_check_only)
+  for style in args.styles.split(",") if timed else []:
     try:
       times = _measure_style(style, args)
     except Exception as e:  # pylint: disable=broad-except
@@ -997,7 +1350,12 @@ def _run_here(args) -> List[Dict[str, Any]]:
     rows.extend(_summary_rows(n, style, times))
   if rows:
     _print_table(rows)
-  if args.breakdown or args.breakdown_only:
+  if args.sync_check_only or not (args.skip_sync_check or
+                                  args.breakdown_only):
+    sync = _sync_rows(args)
+    _print_sync(sync)
+    rows.extend(sync)
+  if (args.breakdown or args.breakdown_only) and not args.sync_check_only:
     _print_breakdown(args)
   sys.stdout.flush()
   return rows
@@ -1031,7 +1389,10 @@ def _run_children(args, argv) -> None:
         rows.extend(json.load(f))
   if rows:
     print("\n##### Summary (all device counts)")
-    _print_table(rows)
+    timing = [r for r in rows if r["metric"] in METRICS]
+    if timing:
+      _print_table(timing)
+    _print_sync(rows)
 
 
 def main(argv) -> int:
