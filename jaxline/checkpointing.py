@@ -101,7 +101,9 @@ class DiskCheckpointer(utils.Checkpointer):
   every_process_saves = True
 
   def __init__(self, config, mode: str, *, async_save: bool = True):
-    self._root = os.path.join(config.checkpoint_dir, "checkpoints")
+    # Absolute, as Orbax requires: example configs use relative run dirs.
+    self._root = os.path.abspath(os.path.join(
+        os.path.expanduser(config.checkpoint_dir), "checkpoints"))
     self._max_to_keep = config.max_checkpoints_to_keep or None
     self._allow_pickle = bool(config.get("checkpoint_allow_pickle", False))
     self._kwargs = restore_checks.flatten_config(

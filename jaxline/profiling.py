@@ -17,7 +17,8 @@ import jax
 
 def profile_dir(config) -> str:
   """Where traces go; each process of a job has its own subdirectory."""
-  directory = os.path.join(config.checkpoint_dir, "profile")
+  directory = os.path.abspath(os.path.join(
+      os.path.expanduser(config.checkpoint_dir), "profile"))
   if jax.process_count() > 1:
     directory = os.path.join(directory, f"process_{jax.process_index()}")
   return directory

@@ -110,7 +110,7 @@ class TensorBoardLogger:
           "TensorBoardLogger needs config.checkpoint_dir, the directory to "
           "write event files under; set it, or use platform.create_writer, "
           "which writes nothing when it is empty.")
-    self._logdir = os.path.join(checkpoint_dir, mode)
+    self._logdir = os.path.join(os.path.expanduser(checkpoint_dir), mode)
     os.makedirs(self._logdir, exist_ok=True)
     # TensorBoard's own naming, events.out.tfevents.<time>.<host>.<pid>.<n>:
     # two writers in one directory (a resumed run in the same second, hosts

@@ -58,9 +58,9 @@ def _command(args, script=_EXPERIMENT, config_arg=None):
 
 
 def _run(args, *, script=_EXPERIMENT, config_arg=None, env=None,
-         timeout=_TIMEOUT_SECS):
+         timeout=_TIMEOUT_SECS, cwd=_TESTDATA):
   return conftest.run_python(_command(args, script, config_arg),
-                             cwd=_TESTDATA, env=env or conftest.subprocess_env(),
+                             cwd=cwd, env=env or conftest.subprocess_env(),
                              timeout=timeout)
 
 
@@ -435,3 +435,21 @@ def test_a_resumed_run_says_from_which_step_and_directory(tmp_path):
   latest = tmp_path / "checkpoints" / "latest" / "4"
   assert f"Resuming training at global_step 4 from checkpoint {latest}." in \
       _output(result)
+
+
+def test_a_relative_checkpoint_dir_is_under_the_working_directory(tmp_path):
+  # The examples' default (runs/<example>_<preset>) is relative; Orbax needs
+  # absolute paths, so jaxline resolves it against the working directory.
+  for steps in (2, 4):
+    result = _run([f"--config.training_steps={steps}",
+                   "--config.checkpoint_dir=runs/relative",
+                   "--config.profile_start_step=1",
+                   "--config.profile_num_steps=1"], cwd=tmp_path)
+    _assert_ok(result)
+  run_dir = tmp_path / "runs" / "relative"
+  assert _saved_steps(run_dir) == [2, 4]
+  assert "Resuming training at global_step 2 from checkpoint " \
+      f"{run_dir / 'checkpoints' / 'latest' / '2'}." in _output(result)
+  assert [row["step"] for row in _metrics(run_dir / "train" /
+                                          "metrics.jsonl")] == [1, 2, 3, 4]
+  assert os.listdir(run_dir / "profile")
