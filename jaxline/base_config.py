@@ -178,6 +178,9 @@ def _check_types(config: Mapping[str, Any]) -> None:
       continue
     if accepted is _BOOL and type(value).__name__ == "bool_":
       continue
+    if (accepted is _INT and isinstance(value, numbers.Real) and
+        not isinstance(value, bool) and float(value).is_integer()):
+      continue  # 1e6 steps works as it did in 0.0.8.
     bad_bool = isinstance(value, bool) and bool not in accepted
     if bad_bool or not isinstance(value, accepted):
       raise ValueError(

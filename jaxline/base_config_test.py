@@ -470,6 +470,7 @@ class TypeChecksTest(parameterized.TestCase):
       {"log_train_data_interval": None, "log_tensors_interval": 100},
       {"best_checkpoint_all_hosts": None, "log_async": 0},
       {"training_steps": np.int64(5), "log_tensors_interval": np.float32(1)},
+      {"training_steps": 1e6, "random_seed": 3.0},  # Whole floats.
       {"terminate_on_nan": False, "step_timeout_secs": 600,
        "profile_start_step": 10, "checkpoint_dir": "/tmp/x"},
   )
