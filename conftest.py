@@ -73,5 +73,22 @@ def pytest_configure(config):
 
 
 @pytest.fixture
+def fresh_jaxline_state():
+  """Parsed absl flags and an empty in-memory checkpoint store.
+
+  Tests that run `train`/`evaluate`/`platform.main` in this process share
+  `utils.GLOBAL_CHECKPOINT_DICT`; modules opt in with
+  `pytestmark = pytest.mark.usefixtures("fresh_jaxline_state")`.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from jaxline import utils  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  utils.GLOBAL_CHECKPOINT_DICT = {}
+  yield
+  utils.GLOBAL_CHECKPOINT_DICT = {}
+
+
+@pytest.fixture
 def python_executable() -> str:
   return sys.executable

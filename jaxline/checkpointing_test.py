@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 
-from absl import flags
 from conftest import subprocess_env
 import jax
 import jax.numpy as jnp
@@ -47,13 +46,10 @@ class _Opaque:
 
 
 @pytest.fixture(autouse=True)
-def _clean_state():
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  utils.GLOBAL_CHECKPOINT_DICT = {}
+def _clean_state(fresh_jaxline_state):
+  del fresh_jaxline_state
   _SIDE_EFFECTS.clear()
   yield
-  utils.GLOBAL_CHECKPOINT_DICT = {}
   _SIDE_EFFECTS.clear()
 
 

@@ -7,7 +7,6 @@ default, 8 with `XLA_FLAGS=--xla_force_host_platform_device_count=8`.
 import logging as pylogging
 import types
 
-from absl import flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_dict
@@ -26,13 +25,7 @@ _STEP_KEYS_DEVICE_1 = [[2232176465, 33846082], [3288317168, 3869482587],
                        [3557650011, 3028360806]]
 
 
-@pytest.fixture(autouse=True)
-def _clean_state():
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  utils.GLOBAL_CHECKPOINT_DICT = {}
-  yield
-  utils.GLOBAL_CHECKPOINT_DICT = {}
+pytestmark = pytest.mark.usefixtures("fresh_jaxline_state")
 
 
 def _n():

@@ -25,13 +25,7 @@ from tensorboard.backend.event_processing import event_accumulator
 FLAGS = flags.FLAGS
 
 
-@pytest.fixture(autouse=True)
-def _clean_state():
-  if not FLAGS.is_parsed():
-    FLAGS.mark_as_parsed()
-  utils.GLOBAL_CHECKPOINT_DICT = {}
-  yield
-  utils.GLOBAL_CHECKPOINT_DICT = {}
+pytestmark = pytest.mark.usefixtures("fresh_jaxline_state")
 
 
 def _n():

@@ -15,7 +15,6 @@ import signal
 import threading
 import time
 
-from absl import flags
 from absl.testing import flagsaver
 import jax
 import jax.numpy as jnp
@@ -43,13 +42,7 @@ _WAIT_RE = re.compile(r"Checkpoint (\S+) invalid or already evaluated, "
                       r"waiting (\S+)s\.")
 
 
-@pytest.fixture(autouse=True)
-def _clean_state():
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  utils.GLOBAL_CHECKPOINT_DICT = {}
-  yield
-  utils.GLOBAL_CHECKPOINT_DICT = {}
+pytestmark = pytest.mark.usefixtures("fresh_jaxline_state")
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,6 @@ import sys
 import textwrap
 import uuid
 
-from absl import flags
 from conftest import run_python
 from conftest import subprocess_env
 # The classes a forged checkpoint names are looked up only in modules that
@@ -78,13 +77,7 @@ class _Exp(experiment.AbstractExperiment):
     return {}
 
 
-@pytest.fixture(autouse=True)
-def _clean_state():
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  utils.GLOBAL_CHECKPOINT_DICT = {}
-  yield
-  utils.GLOBAL_CHECKPOINT_DICT = {}
+pytestmark = pytest.mark.usefixtures("fresh_jaxline_state")
 
 
 def _config(root, **overrides):
@@ -178,6 +171,17 @@ def _plant(root, location, node, step=2):
 def _assert_untouched(exp, state):
   assert exp._params is None and exp._opt_state is None
   assert exp._host is None and state.global_step == 0
+
+
+def _assert_reader_gets_step_2(run):
+  """An eval reader picks, and restores, the run's own step 2."""
+  reader, exp, state = _open(_config(run), mode="eval")
+  try:
+    assert reader.restore_path("latest").endswith(os.sep + "2")
+    reader.restore("latest")
+  finally:
+    reader.close()
+  _assert_step(exp, state, seed=2, step=2)
 
 
 def _assert_step(exp, state, seed, step):
@@ -407,13 +411,7 @@ def test_symlinked_steps_are_never_read_and_only_unlinked(run, tmp_path):
   os.symlink(older, os.path.join(_series(run), "1"))
 
   # A reader does not follow them (nor remove them: it only reads).
-  reader, exp, state = _open(_config(run), mode="eval")
-  try:
-    assert reader.restore_path("latest").endswith(os.sep + "2")
-    reader.restore("latest")
-  finally:
-    reader.close()
-  _assert_step(exp, state, seed=2, step=2)
+  _assert_reader_gets_step_2(run)
   assert os.path.islink(os.path.join(_series(run), "5"))
 
   # A trainer resumes from step 2 and saves on; rotation (keep 2) would
@@ -447,13 +445,7 @@ def test_odd_step_entries_are_ignored(run, tmp_path):
   os.symlink("../../outside", os.path.join(_series(run), "9"))
   for name in ("..9", "9..", "..."):
     shutil.copytree(outside, os.path.join(_series(run), name))
-  reader, exp, state = _open(_config(run), mode="eval")
-  try:
-    assert reader.restore_path("latest").endswith(os.sep + "2")
-    reader.restore("latest")
-  finally:
-    reader.close()
-  _assert_step(exp, state, seed=2, step=2)
+  _assert_reader_gets_step_2(run)
 
   writer, exp, state = _open(_config(run, max_checkpoints_to_keep=2))
   try:
