@@ -254,8 +254,10 @@ class FreezeThawTest(parameterized.TestCase):
   def test_frozen_copy_survives_donation_of_the_live_array(self):
     live = devices.bcast_local_devices(np.arange(3, dtype=np.float32))
     frozen, placements = devices.freeze({"params": live})
-    jax.jit(lambda x: x * 0, donate_argnums=0)(live)
-    self.assertTrue(live.is_deleted())
+    # Whether the donated buffer is reused for the output (and the live array
+    # deleted) depends on the JAX release; the frozen copy must not care.
+    out = jax.jit(lambda x: x * 0 - 1, donate_argnums=0)(live)
+    np.testing.assert_array_equal(out, -np.ones_like(out))
     self.assertIsInstance(frozen["params"], np.ndarray)
     thawed = devices.thaw(frozen, placements)
     np.testing.assert_array_equal(
