@@ -12,6 +12,7 @@ from jaxline import profiling
 from jaxline import progress
 from jaxline import utils
 from jaxline import watchdog
+from jaxline import writers
 
 
 def harness_actions(config, writer, guard) -> tuple[Any, ...]:
@@ -54,8 +55,12 @@ def default_actions(config, checkpointer, writer, is_chief: bool,
         fn_wrapper=checked)
   if ((is_chief or config.log_all_hosts) and writer is not None and
       config.log_train_data_interval is not None):
+    def write(step: int, scalars: Mapping[str, Any]) -> None:
+      # Any writer from a writer_factory, not only jaxline's own.
+      writer.write_scalars(step, writers.writable_scalars(scalars))
+
     writes = utils.PeriodicAction(
-        checked(writer.write_scalars),
+        checked(write),
         interval_type=logging_type,
         interval=config.log_train_data_interval,
         run_async=True,

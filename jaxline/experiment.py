@@ -51,9 +51,13 @@ def _is_number(value: Any) -> bool:
 
 
 def check_step_values(scalars: Mapping[str, Any]) -> None:
-  """Rejects values no logger can write, at the first step, naming the key."""
+  """Rejects values no logger can write, at the first step, naming the key.
+
+  `None` passes: 0.0.8 experiments return statistics that are `None` on
+  some steps, and the writers skip them with a warning.
+  """
   for key, value in scalars.items():
-    if not _is_number(value):
+    if value is not None and not _is_number(value):
       raise TypeError(
           f"Experiment.step returned {key!r}: {type(value).__name__} "
           f"({value!r:.80}), but every value must be a number or a numeric "

@@ -15,6 +15,7 @@ from absl import logging
 import numpy as np
 
 from jaxline import periodic
+from jaxline import writers
 
 # Log intervals the rate is averaged over.
 RATE_WINDOW = 5
@@ -42,7 +43,8 @@ def format_number(value: Any) -> str:
 def format_scalars(scalars: Mapping[str, Any]) -> str:
   """`{'loss': 0.123457}`: a dict's look, with short numbers."""
   items = [f"{key!r}: {format_number(value)}" for key, value in
-           scalars.items() if key != "steps_per_sec"]
+           writers.writable_scalars(scalars).items()
+           if key != "steps_per_sec"]
   return "{" + ", ".join(items) + "}"
 
 

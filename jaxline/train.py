@@ -209,8 +209,8 @@ def evaluate(experiment_class: Callable[..., Any],
       step_value = np.asarray(state.global_step, np.int32)
       global_step = (sharding.replicate(step_value) if sharded else
                      utils.bcast_local_devices(step_value))
-      scalars = evaluate_fn(global_step=global_step, rng=eval_rng,
-                            writer=writer)
+      scalars = writers.writable_scalars(evaluate_fn(
+          global_step=global_step, rng=eval_rng, writer=writer))
       logging.info("Evaluated step %d: %s", state.global_step,
                    jax.tree.map(_as_python, jax.device_get(dict(scalars))))
       if writer is not None:
@@ -319,7 +319,8 @@ def _maybe_save_best(config, checkpointer, experiment, state, best_state,
   if key not in scalars:
     raise ValueError(
         f"best_model_eval_metric {key!r} is not among the scalars evaluate() "
-        f"returned: {sorted(scalars)}. Fix the key in the config.")
+        f"returned: {sorted(scalars)} (None values are left out). Fix the "
+        "key in the config, or return a number for it.")
   value = np.asarray(jax.device_get(scalars[key]))
   if value.size != 1:
     raise ValueError(f"best_model_eval_metric {key!r} must be a scalar, got "

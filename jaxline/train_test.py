@@ -26,6 +26,7 @@ from jaxline import base_config
 from jaxline import experiment
 from jaxline import train
 from jaxline import utils
+from jaxline import writers
 
 # Contract §4 reference vectors: seed 42, JAX 0.10.2 defaults, process 0.
 _SEED_KEY_42 = [0, 42]
@@ -455,7 +456,7 @@ def _signature_variant(variant, log):
       def evaluate(self, global_step, rng, mode=None, **kwargs):
         record("evaluate", global_step, rng, mode=mode,
                kwargs=sorted(kwargs))
-        return {"from_mode": str(mode)}
+        return {"mode_is_none": float(mode is None)}
 
   return Exp
 
@@ -483,7 +484,7 @@ def test_user_step_and_evaluate_signatures(variant):
   elif variant == "evaluate_with_mode":
     nested = [e for e in log.events if e[0] == "evaluate"]
     assert [e[3] for e in nested] == [{"mode": None, "kwargs": []}] * 2
-    assert steps[0][3] == {"nested": {"from_mode": "None"}}
+    assert steps[0][3] == {"nested": {"mode_is_none": 1.0}}
 
   log.events.clear()
   config = _config(one_off_evaluate=True, eval_initial_weights=True)
@@ -971,6 +972,55 @@ def test_evaluate_sees_only_the_newest_in_memory_checkpoint():
                                 np.full([_n(), 2], 3.0))
   assert log.evals[0]["host_steps"] == 3
   assert "best" not in utils.GLOBAL_CHECKPOINT_DICT
+
+
+def test_none_scalars_reach_no_writer_and_strings_fail_naming_the_key(
+    absl_info, monkeypatch):
+  """kfac-jax's classifiers return statistics that are None on some steps."""
+  monkeypatch.setattr(writers, "_none_keys_warned", set())
+  base = _make_experiment(_Log())
+
+  class Exp(base):
+
+    def step(self, *, global_step, rng, writer):
+      out = dict(super().step(global_step=global_step, rng=rng,
+                              writer=writer))
+      out["rho"] = None
+      out["lr"] = None if int(np.asarray(global_step)[0]) < 2 else 0.1
+      return out
+
+    def evaluate(self, *, global_step, rng, writer):
+      return {"accuracy": 0.5, "ece": None}
+
+  events = []
+  config = _config(training_steps=3)
+  _run_train(Exp, config, writer=_RecordingWriter(events))
+  writes = [e[2] for e in events if e[0] == "write"]
+  assert [set(w) - {"steps_per_sec"} for w in writes] == [
+      {"loss"}, {"loss"}, {"loss", "lr"}]
+  lines = [m for m in _messages(absl_info) if m.startswith("global_step:")]
+  assert "rho" not in lines[-1] and "'lr': 0.1" in lines[-1]
+  assert len([m for m in _messages(absl_info) if "'rho' is None" in m]) == 1
+
+  events.clear()
+  _run_eval(Exp, _config(one_off_evaluate=True),
+            writer=_RecordingWriter(events))
+  assert [e for e in events if e[0] == "write"] == [
+      ("write", 3, {"accuracy": 0.5})]
+
+  class StringAtStep2(base):
+
+    def step(self, *, global_step, rng, writer):
+      out = dict(super().step(global_step=global_step, rng=rng,
+                              writer=writer))
+      if int(np.asarray(global_step)[0]) == 2:
+        out["schedule"] = "warmup"
+      return out
+
+  utils.GLOBAL_CHECKPOINT_DICT = {}
+  with pytest.raises(TypeError, match="'schedule'.*string"):
+    _run_train(StringAtStep2, _config(training_steps=3),
+               writer=_RecordingWriter([]))
 
 
 def test_evaluate_none_return_is_empty_dict():

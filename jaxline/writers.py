@@ -33,6 +33,37 @@ from tensorboardX.proto import types_pb2
 _MAX_IMAGES = 3
 METRICS_FILE = "metrics.jsonl"
 _FILE_COUNTER = itertools.count()
+_none_keys_warned = set()
+_none_lock = threading.Lock()
+
+
+def writable_scalars(scalars: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The scalars a writer can write: `None` values left out, strings refused.
+
+  0.0.8-era experiments (kfac-jax's among them) return statistics that are
+  `None` on some steps; they are skipped, with one warning per key, rather
+  than failing the run at the end of training. A string is a mistake that
+  no writer can plot, so it is an error that names the key.
+  """
+  if not any(v is None or isinstance(v, (str, bytes))
+             for v in scalars.values()):
+    return scalars
+  kept = {}
+  for key, value in scalars.items():
+    if isinstance(value, (str, bytes)):
+      raise TypeError(
+          f"Scalar {key!r} is the string {value!r:.80}; writers take numbers. "
+          "Return a number, or log text with absl logging.")
+    if value is None:
+      with _none_lock:
+        first = key not in _none_keys_warned
+        _none_keys_warned.add(key)
+      if first:
+        logging.warning("Scalar %r is None; it is skipped by every writer "
+                        "(warned once per key).", key)
+      continue
+    kept[key] = value
+  return kept
 
 
 def _scalar_shape_ok(value: Any) -> bool:
@@ -148,6 +179,7 @@ class TensorBoardLogger:
 
   def write_scalars(self, global_step: int, scalars: Mapping[str, Any]):
     """Writes one scalar series per key; the key is the tag."""
+    scalars = writable_scalars(scalars)
     for key, value in scalars.items():
       if not _scalar_shape_ok(value):
         raise ValueError(
@@ -158,8 +190,13 @@ class TensorBoardLogger:
 
     def write():
       wall_time = time.time()
-      numbers = {str(k): float(np.asarray(v).reshape(()))
-                 for k, v in items.items()}
+      numbers = {}
+      for k, v in items.items():
+        try:
+          numbers[str(k)] = float(np.asarray(v).reshape(()))
+        except (TypeError, ValueError) as e:
+          raise TypeError(f"Scalar {k!r} is {type(v).__name__} ({v!r:.80}), "
+                          "not a number; write_scalars takes numbers.") from e
       self._write(step, [summary_pb2.Summary.Value(tag=k, simple_value=v)
                          for k, v in numbers.items()], wall_time)
       record = {"step": step, "wall_time": wall_time}
@@ -203,7 +240,8 @@ class NullWriter:
   """A writer that writes nothing, used when no checkpoint_dir is set."""
 
   def write_scalars(self, global_step: int, scalars: Mapping[str, Any]):
-    del global_step, scalars
+    del global_step
+    writable_scalars(scalars)  # The same errors as a real writer.
 
   def write_images(self, global_step: int, images: Mapping[str, Any]):
     del global_step, images
@@ -236,6 +274,7 @@ class MultiWriter:
     self.writers: Sequence[Any] = tuple(writers_)
 
   def write_scalars(self, global_step: int, scalars: Mapping[str, Any]):
+    scalars = writable_scalars(scalars)
     for writer in self.writers:
       writer.write_scalars(global_step, scalars)
 

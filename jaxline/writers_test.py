@@ -6,6 +6,7 @@ Everything is read back from the event files with TensorBoard's own
 
 import io
 import json
+import logging as pylogging
 import os
 import threading
 
@@ -432,3 +433,70 @@ def test_multi_writer_flushes_all_and_raises_the_first_error():
 def test_multi_writer_rejects_a_writer_without_write_scalars():
   with pytest.raises(TypeError, match="has no write_scalars"):
     writers.MultiWriter(object())
+
+
+# --- None and string values ----------------------------------------------------
+
+
+@pytest.fixture
+def fresh_none_warnings(monkeypatch):
+  """Each test sees the first None of a key, as a new process would."""
+  monkeypatch.setattr(writers, "_none_keys_warned", set())
+
+
+def _none_warnings(caplog):
+  return [r.getMessage() for r in caplog.records
+          if r.levelno == pylogging.WARNING and "is None" in r.getMessage()]
+
+
+def test_none_scalars_are_skipped_with_one_warning_per_key(
+    tmp_path, caplog, fresh_none_warnings):
+  """As kfac-jax's examples return statistics that are None on some steps."""
+  del fresh_none_warnings
+  writer = writers.TensorBoardLogger(_config(tmp_path), "train")
+  with caplog.at_level(pylogging.WARNING):
+    for step in range(3):
+      writer.write_scalars(step, {"loss": float(step), "rho": None,
+                                  "damping": None if step < 2 else 0.5})
+    writer.close()
+  warnings = _none_warnings(caplog)
+  assert len(warnings) == 2
+  assert any("'rho'" in w for w in warnings)
+  assert any("'damping'" in w for w in warnings)
+  accumulator = _read(tmp_path / "train")
+  assert _scalars(accumulator, "loss") == [(0, 0.0), (1, 1.0), (2, 2.0)]
+  assert _scalars(accumulator, "damping") == [(2, 0.5)]
+  assert "rho" not in accumulator.Tags()[event_accumulator.SCALARS]
+  records = _metrics(tmp_path / "train" / writers.METRICS_FILE)
+  assert ["rho" in r for r in records] == [False] * 3
+  assert ["damping" in r for r in records] == [False, False, True]
+
+
+@pytest.mark.parametrize("value", ["0.5", b"0.5"])
+def test_string_scalar_is_an_error_naming_the_key(logger, value):
+  with pytest.raises(TypeError, match="'lr_schedule'.*string"):
+    logger.write_scalars(0, {"loss": 1.0, "lr_schedule": value})
+  with pytest.raises(TypeError, match="'lr_schedule'"):
+    writers.NullWriter().write_scalars(0, {"lr_schedule": value})
+
+
+def test_non_number_object_is_an_error_naming_the_key(logger):
+  logger.write_scalars(0, {"stats": object()})
+  with pytest.raises(TypeError, match="'stats'.*not a number"):
+    logger.flush()
+
+
+def test_multi_writer_gives_every_writer_the_scalars_without_none(
+    fresh_none_warnings):
+  """A user's own writer (W&B, say) never sees the None values either."""
+  del fresh_none_warnings
+  seen = []
+
+  class Recorder:
+
+    def write_scalars(self, step, scalars):
+      seen.append((step, dict(scalars)))
+
+  writers.MultiWriter(Recorder(), Recorder()).write_scalars(
+      4, {"loss": 1.0, "rho": None})
+  assert seen == [(4, {"loss": 1.0})] * 2
