@@ -7,10 +7,11 @@ missing process fails the others with a clear error instead of a hang.
 """
 
 import atexit
+import importlib
 import os
 import sys
 import threading
-from typing import Optional
+from typing import Any, Optional
 
 from absl import logging
 import jax
@@ -26,15 +27,37 @@ _finished = threading.Event()
 _watchdog: Optional[threading.Thread] = None
 
 
-def _cluster_detected() -> bool:
+def _jax_private(module: str, *attrs: str) -> Any:
+  """`jax._src.<module>.<attrs>`, or None where this JAX release lacks it.
+
+  JAX's private modules change without notice. Every use here goes through
+  this lookup, so a rename costs jaxline a feature, with a log line, and
+  never stops a run from starting.
+  """
   try:
-    from jax._src import clusters  # pylint: disable=g-import-not-at-top
-  except ImportError:  # Moved: let JAX decide, failing loudly if it cannot.
-    return False
-  # Opt-in detectors (mpi4py) report True whenever their module imports.
-  return any(env.is_env_present()
-             for env in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
-             if not getattr(env, "opt_in_only_method", None))
+    value = importlib.import_module(f"jax._src.{module}")
+    for attr in attrs:
+      value = getattr(value, attr)
+  except (ImportError, AttributeError):
+    return None
+  return value
+
+
+def _cluster_detected() -> Optional[bool]:
+  """Whether JAX sees a cluster; None if this JAX cannot be asked privately.
+
+  JAX's public API has no "is there a cluster?" question: its only public
+  detection is `jax.distributed.initialize()` itself, used as the fallback.
+  """
+  cluster_types = _jax_private("clusters", "ClusterEnv", "_cluster_types")
+  if cluster_types is None:
+    return None
+  try:
+    # Opt-in detectors (mpi4py) report True whenever their module imports.
+    return any(env.is_env_present() for env in cluster_types
+               if not getattr(env, "opt_in_only_method", None))
+  except Exception:  # pylint: disable=broad-except  # Changed shape.
+    return None
 
 
 def initialize(coordinator_address: Optional[str] = None,
@@ -42,6 +65,7 @@ def initialize(coordinator_address: Optional[str] = None,
                process_id: Optional[int] = None) -> bool:
   """Joins the multi-process job if there is one; returns whether it did."""
   explicit = [coordinator_address, num_processes, process_id]
+  detected = True
   if any(v is not None and v != "" for v in explicit):
     missing = [name for name, v in zip(
         ["--jaxline_coordinator_address", "--jaxline_num_processes",
@@ -54,25 +78,45 @@ def initialize(coordinator_address: Optional[str] = None,
     if not 0 <= process_id < num_processes:
       raise ValueError(f"--jaxline_process_id={process_id} must be in "
                        f"[0, {num_processes}).")
-  elif not _cluster_detected():
-    return False
+  else:
+    detected = _cluster_detected()
+    if detected is False:
+      return False
   if jax.distributed.is_initialized():  # A second platform.main call.
     if _finished.is_set() and _client() is not None:
       _finished.clear()
       _client().key_value_delete(_DONE_KEY.format(jax.process_index()))
       _start_watchdog()
     return True
+  if detected is None:  # Unknown: JAX's public initialize() looks.
+    return _initialize_if_jax_finds_a_cluster()
+  _join(coordinator_address, num_processes, process_id)
+  return True
+
+
+def _join(coordinator_address: Optional[str], num_processes: Optional[int],
+          process_id: Optional[int]) -> None:
   logging.info("Initializing jax.distributed: waiting up to %d s for %s "
                "processes to connect to %s (this is process %s).",
                INITIALIZATION_TIMEOUT_SECS, num_processes or "all",
                coordinator_address or "the auto-detected coordinator",
                process_id if process_id is not None else "auto")
+  _initialize_jax(coordinator_address, num_processes, process_id)
+  _joined()
+
+
+def _initialize_jax(coordinator_address: Optional[str],
+                    num_processes: Optional[int],
+                    process_id: Optional[int]) -> None:
   jax.distributed.initialize(
       coordinator_address=coordinator_address or None,
       num_processes=num_processes,
       process_id=process_id,
       initialization_timeout=INITIALIZATION_TIMEOUT_SECS,
       heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECS)
+
+
+def _joined() -> None:
   logging.info("Process %d of %d; %d local and %d global devices.",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
@@ -80,6 +124,32 @@ def initialize(coordinator_address: Optional[str] = None,
   # Runs before JAX's own atexit hook (registered when jax was imported), so
   # the watchdog is stopped before JAX clears its backends.
   atexit.register(shutdown)
+
+
+def _initialize_if_jax_finds_a_cluster() -> bool:
+  """Lets `jax.distributed.initialize()` look for a cluster, publicly.
+
+  Used when JAX's private cluster detectors could not be reached. Without a
+  cluster JAX raises before it starts anything, naming the missing
+  coordinator address; that means a single-process run, as before.
+  """
+  logging.info("Cannot ask JAX privately whether this is a cluster job "
+               "(jax._src.clusters changed); letting jax.distributed."
+               "initialize() look for one (up to %d s if it finds one).",
+               INITIALIZATION_TIMEOUT_SECS)
+  try:
+    _initialize_jax(None, None, None)
+  except ValueError as e:
+    if "coordinator" not in str(e).lower():
+      raise
+    logging.info("jax.distributed.initialize() found no cluster (%s): "
+                 "running as a single process.", e)
+    return False
+  except RuntimeError as e:  # JAX already ran computations: cannot join.
+    logging.warning("Running as a single process: jax.distributed could not "
+                    "look for a cluster (%s).", e)
+    return False
+  _joined()
   return True
 
 
@@ -109,8 +179,11 @@ def mark_finished() -> None:
   if not jax.distributed.is_initialized():
     return  # Single process: no watchdog, no peers to tell.
   _finished.set()
+  client = _client()
+  if client is None:
+    return  # No watchdog either (see _start_watchdog).
   try:
-    _client().key_value_set(_DONE_KEY.format(jax.process_index()), "1")
+    client.key_value_set(_DONE_KEY.format(jax.process_index()), "1")
   except Exception:  # pylint: disable=broad-except
     logging.warning("Could not tell the other processes this one finished.")
 
@@ -141,8 +214,8 @@ def shutdown() -> None:
 
 
 def _client():
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  return jax_distributed.global_state.client
+  """JAX's coordination-service client, or None (no job, or JAX changed)."""
+  return _jax_private("distributed", "global_state", "client")
 
 
 def _is_finished(client, process: int) -> bool:
@@ -170,7 +243,12 @@ def _start_watchdog() -> None:
   """
   client = _client()
   if client is None or not hasattr(client, "get_live_nodes"):
-    logging.warning("Cannot watch for dead processes on this JAX version.")
+    logging.warning(
+        "jaxline's watchdog for dead or hung processes is off: this JAX "
+        "release has no jax._src.distributed.global_state.client with "
+        "get_live_nodes (a private API). JAX's own heartbeat (%d s) still "
+        "stops the job when a process dies; a process hung inside a "
+        "collective is not detected.", HEARTBEAT_TIMEOUT_SECS)
     return
   everyone = list(range(jax.process_count()))
   me = jax.process_index()  # Not in the thread: it may (re)create backends.

@@ -153,6 +153,82 @@ class ClusterFallbackTest(_Case):
     self.jax_initialize.assert_not_called()
 
 
+class PrivateApiMissingTest(_Case):
+  """JAX renamed or moved the private modules jaxline looks into."""
+
+  def hide_cluster_detectors(self, how):
+    if how == "module_moved":
+      self.enter_context(mock.patch.dict(sys.modules,
+                                         {"jax._src.clusters": None}))
+    else:  # The attribute was renamed.
+      from jax._src import clusters  # pylint: disable=g-import-not-at-top
+      self.enter_context(mock.patch.object(clusters, "ClusterEnv",
+                                           type("ClusterEnv", (), {})))
+    self.assertIsNone(distributed._cluster_detected())  # pylint: disable=protected-access
+
+  @parameterized.parameters("module_moved", "attribute_renamed")
+  def test_no_cluster_asks_jax_publicly_then_runs_as_one_process(self, how):
+    self.hide_cluster_detectors(how)
+    self.jax_initialize.side_effect = ValueError(
+        "coordinator_address should be defined.")
+    with self.assertLogs(level="INFO") as logs:
+      self.assertFalse(distributed.initialize())
+    self.jax_initialize.assert_called_once()
+    self.assertIsNone(self.jax_initialize.call_args.kwargs[
+        "coordinator_address"])
+    self.assertTrue(any("found no cluster" in m for m in logs.output))
+    self.assertFalse(jax.distributed.is_initialized())
+
+  def test_jax_that_already_ran_computations_runs_as_one_process(self):
+    self.hide_cluster_detectors("module_moved")
+    self.jax_initialize.side_effect = RuntimeError(
+        "jax.distributed.initialize() must be called before any JAX "
+        "computations are executed.")
+    with self.assertLogs(level="WARNING") as logs:
+      self.assertFalse(distributed.initialize())
+    self.assertIn("Running as a single process", logs.output[0])
+
+  def test_other_errors_from_jax_are_not_hidden(self):
+    self.hide_cluster_detectors("module_moved")
+    self.jax_initialize.side_effect = ValueError(
+        "Number of processes must be defined.")
+    with self.assertRaisesRegex(ValueError, "Number of processes"):
+      distributed.initialize()
+
+  def test_a_cluster_found_publicly_is_joined(self):
+    self.hide_cluster_detectors("attribute_renamed")
+    with mock.patch.object(distributed, "_start_watchdog") as watchdog:
+      self.assertTrue(distributed.initialize())
+    watchdog.assert_called_once()
+    kwargs = self.jax_initialize.call_args.kwargs
+    self.assertEqual(kwargs["heartbeat_timeout_seconds"],
+                     distributed.HEARTBEAT_TIMEOUT_SECS)
+
+  def test_explicit_flags_do_not_need_the_detectors(self):
+    self.hide_cluster_detectors("module_moved")
+    with mock.patch.object(distributed, "_start_watchdog"):
+      self.assertTrue(distributed.initialize(_ADDRESS, 2, 1))
+    self.assertEqual(self.jax_initialize.call_args.kwargs["process_id"], 1)
+
+  def test_without_the_client_the_watchdog_is_off_with_a_clear_line(self):
+    self.enter_context(mock.patch.dict(sys.modules,
+                                       {"jax._src.distributed": None}))
+    self.assertIsNone(distributed._client())  # pylint: disable=protected-access
+    before = {t.ident for t in threading.enumerate()
+              if t.name == "jaxline_watchdog"}
+    with self.assertLogs(level="WARNING") as logs:
+      distributed._start_watchdog()  # pylint: disable=protected-access
+    self.assertIn("watchdog for dead or hung processes is off",
+                  logs.output[0])
+    self.assertIn("JAX's own heartbeat", logs.output[0])
+    self.assertEqual(before, {t.ident for t in threading.enumerate()
+                              if t.name == "jaxline_watchdog"})
+    with mock.patch.object(jax.distributed, "is_initialized",
+                           return_value=True):
+      distributed.mark_finished()  # No client to tell: nothing raised.
+    distributed._finished.clear()  # pylint: disable=protected-access
+
+
 class _FakeClient:
   """Answers get_live_nodes from a list of answers, then stops the test."""
 
