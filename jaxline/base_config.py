@@ -20,6 +20,9 @@ OPTIONAL_KEYS: Mapping[str, Any] = {
     # "pmap": per-device values with a leading device axis (0.0.8's style).
     # "sharded": global jax.Arrays over jaxline.sharding.data_parallel_mesh().
     "experiment_style": "pmap",
+    # With a checkpoint_dir: "disk" (Orbax, resumable) or "memory" (only in
+    # utils.GLOBAL_CHECKPOINT_DICT, as 0.0.8 kept them; the dir gets logs).
+    "checkpoint_backend": "disk",
     # Let disk checkpoints hold objects that need pickle (and load them).
     "checkpoint_allow_pickle": False,
     # Eval jobs evaluate every committed checkpoint in step order, instead of
@@ -149,6 +152,7 @@ _TYPES = {
     "experiment_kwargs": ((Mapping, config_dict.ConfigDict,
                            config_dict.FrozenConfigDict), True,
                           "a ConfigDict"),
+    "checkpoint_backend": ((str,), False, "'disk' or 'memory'"),
     "terminate_on_nan": (_BOOL, False, "True or False"),
     "step_timeout_secs": (_NUMBER, True, "seconds > 0, or None"),
     "preemption_grace_secs": (_NUMBER, True, "seconds > 0, or None"),
@@ -209,6 +213,11 @@ def _check_values(config: Mapping[str, Any]) -> None:
     if config[key] not in _RNG_MODES:
       raise ValueError(f"config.{key}={config[key]!r} is not a valid RNG "
                        f"mode; use one of {list(_RNG_MODES)}.")
+  backend = config.get("checkpoint_backend", "disk")
+  if backend not in ("disk", "memory"):
+    raise ValueError(f"config.checkpoint_backend={backend!r}; use 'disk' "
+                     "(Orbax checkpoints under checkpoint_dir) or 'memory' "
+                     "(in-memory checkpoints, as jaxline 0.0.8 kept them).")
   steps = config["training_steps"]
   if steps is not None and steps < 0:
     raise ValueError(f"config.training_steps={steps} is negative; use a "

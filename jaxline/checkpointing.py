@@ -46,6 +46,10 @@ from jaxline import utils
 # Every save therefore waits for all others to finish, under this lock.
 _SAVE_LOCK = threading.Lock()
 _LIVE_CHECKPOINTERS = weakref.WeakSet()
+# Checkpoint roots this process trained into: resuming one in the same
+# process is where 0.0.8-era code (fresh runs in one test process, sharing
+# a checkpoint_dir) would have started afresh.
+_TRAINED_HERE = set()
 # Orbax lists a series with exists() then is_dir() on each step; a step that
 # a writer deletes in between makes the listing raise. Readers retry.
 _LIST_ATTEMPTS = 5
@@ -249,6 +253,7 @@ class DiskCheckpointer(utils.Checkpointer):
         self._bad[ckpt_series].discard(step)
       # force: Orbax would skip a step below its newest (after a fallback).
       manager.save(step, args=ocp.args.Composite(**args), force=True)
+      _TRAINED_HERE.add(self._root)
       if not self._async:
         manager.wait_until_finished()
     logging.info("Saved checkpoint %s with id %s.", ckpt_series, step)
@@ -293,6 +298,13 @@ class DiskCheckpointer(utils.Checkpointer):
         continue
       self._apply(live, nest)
       logging.info("Returned checkpoint %s with id %s.", ckpt_series, step)
+      if not self._follow and self._root in _TRAINED_HERE:
+        logging.warning(
+            "Resuming from step %d, which this process saved earlier in %s: "
+            "jaxline resumes from checkpoint_dir (jaxline 0.0.8 kept "
+            "checkpoints in memory, so rebinding utils.GLOBAL_CHECKPOINT_DICT "
+            "started afresh). For a fresh run use a new checkpoint_dir, or "
+            "config.checkpoint_backend='memory'.", step, self._root)
       return
     logging.warning("No readable checkpoint in %s; starting fresh.",
                     self._series_dir(ckpt_series))

@@ -24,7 +24,9 @@ class NonFiniteError(FloatingPointError):
         f"Training scalar {key!r} is {_show(value)} at global_step {step}: "
         "training stopped, and no checkpoint of this step or a later one was "
         "saved, so the newest 'latest' checkpoint is the last good state. "
-        "Lower the learning rate or fix the loss; to train on regardless, set "
+        "Lower the learning rate or fix the loss. If the value is NaN by "
+        "design (kfac-jax reports NaN for statistics it skipped), train on "
+        "as jaxline 0.0.8 did, which never checked: set "
         "config.terminate_on_nan = False.")
 
 

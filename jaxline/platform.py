@@ -64,6 +64,11 @@ _PROCESS_ID = flags.DEFINE_integer(
 VALID_MODES = ("train", "eval", "eval_*", "train_eval_multithreaded")
 
 
+# Marks an error raised while the config file itself loads (in the user's
+# get_config), which must not be reported as a bad override.
+_FROM_CONFIG_FILE = "_jaxline_raised_by_config_file"
+
+
 def _short_override_errors(flag: flags.Flag) -> None:
   """Makes a bad `--config.<key>=...` a two-line error, not a traceback.
 
@@ -76,6 +81,8 @@ def _short_override_errors(flag: flags.Flag) -> None:
     try:
       return parse(argument)
     except (AttributeError, KeyError) as e:
+      if getattr(e, _FROM_CONFIG_FILE, False):
+        raise  # The user's get_config failed: keep its traceback.
       text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
       text = " ".join(line.strip(" '\"") for line in text.splitlines())
       raise flags.IllegalFlagValueError(
@@ -97,7 +104,11 @@ def _accept_optional_key_overrides(flag: flags.Flag) -> None:
   parse = parser.parse
 
   def parse_and_add_keys(argument):
-    config = parse(argument)
+    try:
+      config = parse(argument)
+    except Exception as e:  # pylint: disable=broad-except
+      setattr(e, _FROM_CONFIG_FILE, True)
+      raise
     try:
       overrides = flag._GetOverrides(flag._GetArgv())  # pylint: disable=protected-access
     except Exception:  # pylint: disable=broad-except  # Reported by _parse.
@@ -118,11 +129,26 @@ def create_checkpointer(config, mode: str) -> utils.Checkpointer:
   """The default checkpointer factory.
 
   On disk (Orbax) when `config.checkpoint_dir` is set, so runs resume and a
-  separate eval job can follow training; in memory otherwise, as in 0.0.8.
+  separate eval job can follow training; in memory otherwise, as in 0.0.8,
+  or when `config.checkpoint_backend = "memory"`. A "latest" snapshot that
+  the user put into `utils.GLOBAL_CHECKPOINT_DICT` before `main` (0.0.8's
+  way to start from given weights, as ogb_lsc does) also means in memory:
+  it is what they asked to restore, and they read the history afterwards.
   """
-  if config.get("checkpoint_dir", ""):
-    return checkpointing.DiskCheckpointer(config, mode)
-  return utils.InMemoryCheckpointer(config, mode)
+  if not config.get("checkpoint_dir", ""):
+    return utils.InMemoryCheckpointer(config, mode)
+  if config.get("checkpoint_backend", "disk") == "memory":
+    return utils.InMemoryCheckpointer(config, mode)
+  seeded = utils.GLOBAL_CHECKPOINT_DICT.get("latest")
+  if seeded is not None and getattr(seeded, "history", None):
+    logging.warning(
+        "utils.GLOBAL_CHECKPOINT_DICT['latest'] holds a snapshot set before "
+        "platform.main: restoring it and keeping checkpoints in memory, as "
+        "jaxline 0.0.8 did (checkpoint_dir %s gets the logs only). Set "
+        "config.checkpoint_backend='memory' to say so and silence this.",
+        config.checkpoint_dir)
+    return utils.InMemoryCheckpointer(config, mode)
+  return checkpointing.DiskCheckpointer(config, mode)
 
 
 def create_writer(config, mode: str) -> Any:

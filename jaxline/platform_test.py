@@ -16,6 +16,7 @@ import pytest
 
 from conftest import subprocess_env
 from jaxline import base_config
+from jaxline import checkpointing
 from jaxline import experiment
 from jaxline import platform
 from jaxline import utils
@@ -409,6 +410,36 @@ def test_create_checkpointer_is_in_memory_without_checkpoint_dir():
   config.checkpoint_dir = ""
   assert isinstance(platform.create_checkpointer(config, "eval"),
                     utils.InMemoryCheckpointer)
+
+
+def test_checkpoint_backend_chooses_disk_or_memory(tmp_path):
+  config = _config()
+  config.checkpoint_dir = str(tmp_path)
+  disk = platform.create_checkpointer(config, "eval")
+  assert isinstance(disk, checkpointing.DiskCheckpointer)
+  disk.close()
+  config.checkpoint_backend = "memory"
+  assert isinstance(platform.create_checkpointer(config, "train"),
+                    utils.InMemoryCheckpointer)
+  config.checkpoint_backend = "Memory"
+  with pytest.raises(ValueError, match="checkpoint_backend='Memory'.*'disk'"):
+    base_config.validate_config(config)
+
+
+def test_a_snapshot_seeded_before_main_keeps_checkpoints_in_memory(
+    tmp_path, caplog):
+  """ogb_lsc seeds GLOBAL_CHECKPOINT_DICT and still sets checkpoint_dir."""
+  import logging as pylogging  # pylint: disable=g-import-not-at-top
+  caplog.set_level(pylogging.WARNING, logger="absl")
+  config = _config()
+  config.checkpoint_dir = str(tmp_path)
+  utils.GLOBAL_CHECKPOINT_DICT["latest"] = utils.CheckpointNT(
+      threading.local(), [utils.SnapshotNT(0, {"global_step": 5})])
+  checkpointer = platform.create_checkpointer(config, "train")
+  assert isinstance(checkpointer, utils.InMemoryCheckpointer)
+  assert any("holds a snapshot set before platform.main" in r.getMessage()
+             for r in caplog.records)
+  assert not (tmp_path / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("has_key", [False, True])

@@ -9,10 +9,20 @@ counters), so only their presence is checked. And a run resumed under other
 `experiment_kwargs` says so, key by key, instead of resuming silently.
 """
 
+import re
 from typing import Any, Dict, List, Mapping, Optional
 
 import jax
 import numpy as np
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+# Why an old experiment meets a checkpoint it did not write: 0.0.8 kept
+# checkpoints in memory, so a shared /tmp checkpoint_dir never mattered.
+MEMORY_HINT = (
+    " jaxline restores the newest checkpoint under checkpoint_dir by itself "
+    "(jaxline 0.0.8 kept checkpoints in memory only): give each experiment "
+    "its own checkpoint_dir, or set config.checkpoint_backend='memory' to "
+    "keep them in memory as 0.0.8 did.")
 
 
 class CheckpointMismatchError(ValueError):
@@ -88,7 +98,7 @@ def check_entries(experiment: Any, saved: Mapping[str, Any], *,
         f"from the checkpoint: {[describe(n) for n in missing]}; in the "
         f"checkpoint but not the experiment: {extra}. Checkpoint entries: "
         f"{sorted(map(str, saved))}; experiment entries: "
-        f"{sorted(map(str, expected))}.")
+        f"{sorted(map(str, expected))}." + MEMORY_HINT)
   compared = set(experiment.CHECKPOINT_ATTRS.values())
   for name in sorted(compared & set(expected), key=str):
     if expected[name] is None or saved[name] is None:
@@ -98,8 +108,7 @@ def check_entries(experiment: Any, saved: Mapping[str, Any], *,
       raise CheckpointMismatchError(
           f"Checkpoint entry {describe(name)} in {source} does not fit the "
           f"experiment: {problem}. Restore it into the experiment it was "
-          "written by (check config.experiment_kwargs), or use another "
-          "checkpoint_dir.")
+          "written by (check config.experiment_kwargs)." + MEMORY_HINT)
 
 
 def _difference(saved: Any, live: Any) -> Optional[str]:
@@ -129,7 +138,12 @@ def _json_value(value: Any) -> Any:
     return [_json_value(v) for v in value]
   if isinstance(value, np.generic):
     return value.item()
-  return repr(value)
+  name = getattr(value, "__qualname__", None)
+  if name is not None and getattr(value, "__module__", None):
+    return f"{value.__module__}.{name}"  # A function or a class.
+  # Default reprs hold the object's address, new in every process: without
+  # it, an unchanged object in the config is not reported as a change.
+  return _ADDRESS.sub("", repr(value))
 
 
 def flatten_config(config: Any, prefix: str = "") -> Dict[str, Any]:

@@ -261,12 +261,34 @@ def test_flatten_config_gives_dotted_json_values():
   assert flat["optimizer.name"] == "adam"
   assert flat["optimizer.betas"] == [0.9, 0.999]
   assert flat["seed"] == 3 and type(flat["seed"]) is int
-  assert flat["activation"] == repr(jax.nn.relu)  # Objects as their repr.
+  # Functions and classes by their import path.
+  assert flat["activation"] == (
+      f"{jax.nn.relu.__module__}.{jax.nn.relu.__qualname__}")
   assert flat["nothing"] is None
   assert "model" not in flat and "optimizer" not in flat
   assert restore_checks.flatten_config(None) == {}
   assert restore_checks.flatten_config({"a": {"b": (1, (2,))}}) == {
       "a.b": [1, [2]]}
+
+
+def test_objects_in_the_config_are_described_without_their_address():
+  """adversarial_robustness puts attack objects and functions in its config.
+
+  Their default repr holds an address that differs in every process, which
+  made every resume report them as changed.
+  """
+
+  class Attack:
+    pass
+
+  def loss_fn():
+    pass
+
+  first = restore_checks.flatten_config({"attack": Attack(), "loss": loss_fn})
+  second = restore_checks.flatten_config({"attack": Attack(), "loss": loss_fn})
+  assert "0x" not in first["attack"] and "Attack object" in first["attack"]
+  assert first["loss"].endswith("loss_fn")
+  assert restore_checks.changed_keys(first, second) == []
 
 
 def test_changed_keys_lists_each_difference():

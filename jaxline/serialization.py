@@ -130,8 +130,10 @@ def _checked_class_name(cls: type, where: str) -> str:
   raise UnsupportedValueError(
       f"{where or 'value'} is a {class_name(cls)}, which a restore would not "
       "be allowed to rebuild. Register it with jaxline.serialization."
-      "register_checkpoint_class (define it at module level), or store "
-      "plain dicts, lists, tuples or NamedTuples.")
+      "register_checkpoint_class (define it at module level), store "
+      "plain dicts, lists, tuples or NamedTuples, or set "
+      "config.checkpoint_backend='memory' to keep checkpoints in memory, as "
+      "jaxline 0.0.8 did.")
 
 
 def _encode_key(key: Any) -> List[Any]:
