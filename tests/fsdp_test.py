@@ -98,7 +98,9 @@ def _wait_for_commit(job, checkpoint_dir, step):
 def _stored_arrays(step_dir):
   """Orbax's metadata of each array of a step: {key: ArrayMetadata}."""
   with ocp.StandardCheckpointer() as reader:
-    stored = reader.metadata(os.path.join(step_dir, "arrays")).item_metadata
+    stored = reader.metadata(os.path.join(step_dir, "arrays"))
+  # Orbax < 0.11.22 returns the tree itself; later ones wrap it.
+  stored = getattr(stored, "item_metadata", stored)
   return getattr(stored, "tree", stored)
 
 

@@ -96,8 +96,8 @@ def test_build_requirement_matches_the_metadata():
   (setuptools_req,) = [requirements.Requirement(r) for r in
                        pyproject["build-system"]["requires"]]
   assert setuptools_req.name == "setuptools"
-  assert not setuptools_req.specifier.contains("76.1")
-  assert setuptools_req.specifier.contains("77.0.0")
+  assert not setuptools_req.specifier.contains("76.1.0")
+  assert setuptools_req.specifier.contains("77.0.1")  # 77.0.0: not released.
   assert isinstance(pyproject["project"]["license"], str)
 
 

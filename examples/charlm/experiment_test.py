@@ -172,7 +172,9 @@ def _partition_specs(checkpoint_dir, step: int) -> list[tuple]:
   keys = re.findall(r'"i": "(\d+)"', json.dumps(
       [entries["params"], entries["opt_state"]]))
   with ocp.StandardCheckpointer() as reader:
-    stored = reader.metadata(step_dir / "arrays").item_metadata
+    stored = reader.metadata(step_dir / "arrays")
+  # Orbax < 0.11.22 returns the tree itself; later ones wrap it.
+  stored = getattr(stored, "item_metadata", stored)
   stored = getattr(stored, "tree", stored)
   return [tuple(stored[key].sharding.partition_spec) for key in keys
           if stored[key].shape]
