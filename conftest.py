@@ -65,6 +65,17 @@ def run_python(command: list[str], *, timeout: float,
                                      stderr)
 
 
+def read_events(directory):
+  """The event files under `directory`, read with TensorBoard's own reader."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  accumulator = event_accumulator.EventAccumulator(
+      str(directory), size_guidance={event_accumulator.SCALARS: 0,
+                                     event_accumulator.TENSORS: 0,
+                                     event_accumulator.IMAGES: 0})
+  accumulator.Reload()
+  return accumulator
+
+
 def pytest_configure(config):
   config.addinivalue_line(
       "filterwarnings",

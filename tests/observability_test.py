@@ -79,15 +79,6 @@ def _saved_steps(checkpoint_dir, series="latest"):
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
 
 
-def _events(directory):
-  accumulator = event_accumulator.EventAccumulator(
-      str(directory), size_guidance={event_accumulator.SCALARS: 0,
-                                     event_accumulator.TENSORS: 0,
-                                     event_accumulator.IMAGES: 0})
-  accumulator.Reload()
-  return accumulator
-
-
 def _metrics(path):
   with open(path) as f:
     return [json.loads(line) for line in f]
@@ -123,11 +114,11 @@ def test_train_and_eval_never_import_tensorflow(tmp_path):
       log.read_text())
 
   # TensorBoard's own reader still reads what was written.
-  train_events = _events(run_dir / "train")
+  train_events = conftest.read_events(run_dir / "train")
   assert [e.step for e in train_events.Scalars("loss")] == [1, 2, 3, 4]
   assert "inputs" in (train_events.Tags()[event_accumulator.TENSORS] +
                       train_events.Tags()[event_accumulator.IMAGES])
-  assert [e.step for e in _events(run_dir / "eval").Scalars("eval_loss")] == [4]
+  assert [e.step for e in conftest.read_events(run_dir / "eval").Scalars("eval_loss")] == [4]
 
 
 # --- 2. Non-finite guard -----------------------------------------------------
@@ -190,7 +181,7 @@ def test_step_timeout_dumps_stacks_flushes_and_exits(tmp_path, hang_kind):
   steps = [row["step"] for row in _metrics(tmp_path / "train" /
                                            "metrics.jsonl")]
   assert steps == [1, 2, 3]
-  assert [e.step for e in _events(tmp_path / "train").Scalars("loss")] == [
+  assert [e.step for e in conftest.read_events(tmp_path / "train").Scalars("loss")] == [
       1, 2, 3]
 
 
@@ -249,7 +240,7 @@ def test_metrics_file_matches_tensorboard_and_plots(tmp_path):
   for mode, keys in [("train", ["loss", "steps_per_sec"]),
                      ("eval", ["eval_loss", "eval_step"])]:
     rows = _metrics(tmp_path / mode / "metrics.jsonl")
-    events = _events(tmp_path / mode)
+    events = conftest.read_events(tmp_path / mode)
     for key in keys:
       from_json = [(row["step"], row[key]) for row in rows]
       from_events = [(e.step, e.value) for e in events.Scalars(key)]

@@ -110,15 +110,6 @@ def _main(experiment_class, config, mode="train", **kwargs):
     platform.main(experiment_class, [], **kwargs)
 
 
-def _events(directory):
-  accumulator = event_accumulator.EventAccumulator(
-      str(directory), size_guidance={event_accumulator.SCALARS: 0,
-                                     event_accumulator.TENSORS: 0,
-                                     event_accumulator.IMAGES: 0})
-  accumulator.Reload()
-  return accumulator
-
-
 # --- kfac-jax (examples/training.py) ------------------------------------------
 
 
@@ -730,11 +721,11 @@ def test_dsf_images_from_step_and_writer_kept_for_best_model(tmp_path):
   assert calls[3:] == [("evaluate", 3), ("best", 3, 0.5)]
   assert isinstance(calls[-1][2], float)
 
-  train_events = _events(tmp_path / "train")
+  train_events = conftest.read_events(tmp_path / "train")
   image_tags = (train_events.Tags()[event_accumulator.TENSORS] +
                 train_events.Tags()[event_accumulator.IMAGES])
   assert "images" in image_tags
-  eval_events = _events(tmp_path / "eval")
+  eval_events = conftest.read_events(tmp_path / "eval")
   assert [e.step for e in eval_events.Scalars("top1_accuracy")] == [3]
   assert [e.step for e in eval_events.Scalars("full_eval")] == [3]
 
