@@ -7,12 +7,15 @@ are never required.
 """
 
 import numbers
-from typing import Any, Mapping, Optional, Sequence
+import re
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from ml_collections import config_dict
 
 # Keys the harness reads with a default; configs may omit them.
 OPTIONAL_KEYS: Mapping[str, Any] = {
+    # "package.module:Class": the experiment `python -m jaxline` runs.
+    "experiment_class": None,
     # Root of TensorBoard logs and on-disk checkpoints; "" keeps both off.
     "checkpoint_dir": "",
     # Seconds the eval loop sleeps between polls for a new checkpoint.
@@ -44,6 +47,9 @@ OPTIONAL_KEYS: Mapping[str, Any] = {
 }
 
 _INTERVAL_TYPES = ("secs", "steps")
+# "package.module:Class" (or "package.module.Class").
+_CLASS_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*"
+                         r"(\.[A-Za-z_]\w*)*)?")
 # An extra key this close to a known key is taken for a misspelling of it.
 _MAX_TYPO_EDITS = 2
 _RNG_MODES = ("unique_host_unique_device", "unique_host_same_device",
@@ -153,6 +159,7 @@ _TYPES = {
                            config_dict.FrozenConfigDict), True,
                           "a ConfigDict"),
     "checkpoint_backend": ((str,), False, "'disk' or 'memory'"),
+    "experiment_class": ((str,), True, "'package.module:Class', or None"),
     "terminate_on_nan": (_BOOL, False, "True or False"),
     "step_timeout_secs": (_NUMBER, True, "seconds > 0, or None"),
     "preemption_grace_secs": (_NUMBER, True, "seconds > 0, or None"),
@@ -218,6 +225,13 @@ def _check_values(config: Mapping[str, Any]) -> None:
     raise ValueError(f"config.checkpoint_backend={backend!r}; use 'disk' "
                      "(Orbax checkpoints under checkpoint_dir) or 'memory' "
                      "(in-memory checkpoints, as jaxline 0.0.8 kept them).")
+  experiment_class = config.get("experiment_class", None)
+  if experiment_class is not None and not _CLASS_NAME.fullmatch(
+      experiment_class):
+    raise ValueError(
+        f"config.experiment_class={experiment_class!r} is not a class name; "
+        "set it to 'package.module:Class' (the module as you would import "
+        "it, not a file path), e.g. 'examples.mnist.experiment:Experiment'.")
   steps = config["training_steps"]
   if steps is not None and steps < 0:
     raise ValueError(f"config.training_steps={steps} is negative; use a "
@@ -284,7 +298,8 @@ def validate_config(config: Mapping[str, Any]) -> None:
 
 # The value type of each optional key whose default is None, so that a
 # command-line override of it parses.
-_OPTIONAL_NONE_TYPES = {"step_timeout_secs": float, "profile_start_step": int}
+_OPTIONAL_NONE_TYPES = {"experiment_class": str, "step_timeout_secs": float,
+                        "profile_start_step": int}
 
 
 def add_optional_keys(config: config_dict.ConfigDict,
@@ -306,13 +321,26 @@ def add_optional_keys(config: config_dict.ConfigDict,
       config[key] = default
 
 
+def missing_defaults(config: Mapping[str, Any]) -> Dict[str, Any]:
+  """The optional keys `config` lacks, with the values jaxline uses for them.
+
+  A default of None comes as a typed placeholder, as `add_optional_keys`
+  adds it, so that a config written from these values takes overrides.
+  """
+  missing = {}
+  for key, default in OPTIONAL_KEYS.items():
+    if key not in config:
+      missing[key] = (config_dict.placeholder(_OPTIONAL_NONE_TYPES[key])
+                      if default is None else default)
+  return missing
+
+
 def resolve(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
   """Fills the optional keys in place, so the printed config is complete.
 
   Works on locked configs, since kfac-jax and others lock theirs.
   """
   with config.unlocked():
-    for key, default in OPTIONAL_KEYS.items():
-      if key not in config:
-        setattr(config, key, default)
+    for key, default in missing_defaults(config).items():
+      config[key] = default
   return config

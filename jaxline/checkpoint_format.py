@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from jaxline import devices
 from jaxline import experiment as experiment_lib
 from jaxline import restore_checks
+from jaxline import run_config
 from jaxline import serialization
 from jaxline import sharding as sharding_lib
 
@@ -42,6 +43,8 @@ ENTRIES = "experiment_module"
 PREVIOUS_STEP = "_previous_step"
 _PLACEHOLDER = "_no_arrays"
 _SavedArray = restore_checks.SavedArray
+# experiment_kwargs differences already logged by this process.
+_WARNED = set()
 
 
 def host_filename(process_index: int) -> str:
@@ -179,12 +182,15 @@ def read_step(manager: ocp.CheckpointManager, step: int, step_dir: str,
         host["fields"][key] = entries[key]
   else:
     shared, host = meta["entries"], _read_host(step_dir, meta)
-    changed = restore_checks.changed_keys(meta.get("experiment_kwargs", {}),
-                                          experiment_kwargs)
-    if changed:
+    changed = tuple(run_config.changed_keys(
+        meta.get("experiment_kwargs", {}), experiment_kwargs))
+    if changed and changed not in _WARNED:
+      # Once per difference: an eval job restores checkpoint after
+      # checkpoint, and the start-up record already listed the whole config.
+      _WARNED.add(changed)
       logging.warning(
           "The checkpoint %s was written under other experiment_kwargs; "
-          "resuming anyway. Changed: %s", step_dir, "; ".join(changed))
+          "restoring it anyway. Changed: %s", step_dir, "; ".join(changed))
   stored = manager.item_metadata(step)["arrays"]
   stored = getattr(stored, "tree", stored) or {}
 

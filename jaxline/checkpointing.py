@@ -36,6 +36,7 @@ from jaxline import checkpoint_format
 from jaxline import claim as claim_lib
 from jaxline import experiment as experiment_lib
 from jaxline import restore_checks
+from jaxline import run_config
 from jaxline import serialization
 from jaxline import utils
 
@@ -110,7 +111,7 @@ class DiskCheckpointer(utils.Checkpointer):
         os.path.expanduser(config.checkpoint_dir), "checkpoints"))
     self._max_to_keep = config.max_checkpoints_to_keep or None
     self._allow_pickle = bool(config.get("checkpoint_allow_pickle", False))
-    self._kwargs = restore_checks.flatten_config(
+    self._kwargs = run_config.flatten(
         config.get("experiment_kwargs"))
     self._async = async_save
     self._follow = mode != "train"  # Readers look for new steps each time.

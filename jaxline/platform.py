@@ -9,7 +9,8 @@ A user's experiment file ends with
 and runs as `python experiment.py --config=experiment.py`.
 """
 
-import copy
+import os
+import shlex
 import sys
 import threading
 from typing import Any, Callable, Optional, Sequence
@@ -23,10 +24,12 @@ from ml_collections import config_flags
 
 from jaxline import base_config
 from jaxline import checkpointing
+from jaxline import config_code
 from jaxline import distributed
 from jaxline import dry_run
 from jaxline import nonfinite
 from jaxline import preemption
+from jaxline import run_config
 from jaxline import train
 from jaxline import utils
 from jaxline import writers
@@ -51,7 +54,8 @@ _DRY_RUN = flags.DEFINE_bool(
     "checkpoint entries and scalar keys, and exit; writes nothing.")
 _PRINT_CONFIG = flags.DEFINE_bool(
     "jaxline_print_config", False,
-    "Print the fully resolved config (defaults filled in) and exit.")
+    "Print the resolved config (defaults filled in, overrides applied) as a "
+    "config file whose get_config() rebuilds it, and exit.")
 _COORDINATOR = flags.DEFINE_string(
     "jaxline_coordinator_address", None,
     "host:port of process 0, for multi-process runs (jax.distributed). "
@@ -125,6 +129,52 @@ _short_override_errors(FLAGS["config"])
 _accept_optional_key_overrides(FLAGS["config"])
 
 
+def _command() -> str:
+  """The command line, as a user would retype it."""
+  argv = list(sys.argv)
+  program = argv[0] if argv else ""
+  if os.path.basename(program) == "__main__.py":
+    package = os.path.basename(os.path.dirname(os.path.abspath(program)))
+    head = ["python", "-m", package]
+  else:
+    if os.path.isabs(program) and os.path.abspath(program).startswith(
+        os.getcwd() + os.sep):
+      program = os.path.relpath(program)
+    head = ["python", program]
+  rest = [a for a in argv[1:] if not a.startswith(
+      ("--jaxline_print_config", "--nojaxline_print_config"))]
+  return shlex.join(head + rest)
+
+
+def config_as_python(config: config_dict.ConfigDict) -> str:
+  """The resolved `config` of this command line as a config file.
+
+  Keys set with `--config.<key>=` and keys jaxline fills in are marked.
+  """
+  flag = FLAGS["config"]
+  source = config_flags.get_config_filename(flag) if flag.present else None
+  command_line = (list(config_flags.get_override_values(flag))
+                  if flag.present else [])
+  if config.get("experiment_class", None):
+    run = "python -m jaxline --config=<this file>"
+  else:
+    run = "python <your experiment>.py --config=<this file>"
+  notes = [f"From: {_command()}", f"Run it again with: {run}"]
+  return config_code.as_python(
+      config, command_line=command_line,
+      defaults=base_config.missing_defaults(config),
+      title=(f"The resolved config of {source}." if source else
+             "A resolved jaxline config."), notes=notes)
+
+
+def _record_config(config: config_dict.ConfigDict, mode: str) -> None:
+  """The chief keeps the run's config in its checkpoint_dir."""
+  if jax.process_index() != 0 or not config.get("checkpoint_dir", ""):
+    return
+  run_config.record(config, mode=mode, python_text=config_as_python(config),
+                    defaults=base_config.missing_defaults(config))
+
+
 def create_checkpointer(config, mode: str) -> utils.Checkpointer:
   """The default checkpointer factory.
 
@@ -191,16 +241,23 @@ def _run_train(experiment_class, config, checkpointer_factory, writer_factory,
   checkpointer = checkpointer_factory(config, "train")
   writer = writer_factory(config, "train")
   try:
+    # Recorded once the checkpoint is restored: a second trainer started by
+    # mistake (refused by the directory's claim) or a run whose checkpoint
+    # does not fit must not replace the record of the run that trained.
     train.train(experiment_class, config, checkpointer, writer,
-                periodic_actions=periodic_actions, stop_event=stop_event)
+                periodic_actions=periodic_actions, stop_event=stop_event,
+                on_start=lambda: _record_config(config, "train"))
   finally:
     _close(writer)
     _close(checkpointer)
 
 
 def _run_eval(experiment_class, config, checkpointer_factory, writer_factory,
-              mode: str, jaxline_mode: Optional[str], stop_event=None) -> None:
+              mode: str, jaxline_mode: Optional[str], stop_event=None,
+              record: bool = True) -> None:
   checkpointer = checkpointer_factory(config, mode)
+  if record:
+    _record_config(config, mode)
   writer = writer_factory(config, mode)
   try:
     train.evaluate(experiment_class, config, checkpointer, writer,
@@ -241,7 +298,8 @@ def _train_eval_multithreaded(experiment_class, config, checkpointer_factory,
     # "train_eval_multithreaded", as in 0.0.8.
     with preemption.catch_signals(preempted):
       _run_eval(experiment_class, config, checkpointer_factory,
-                writer_factory, "eval", None, stop_event=train_stopped)
+                writer_factory, "eval", None, stop_event=train_stopped,
+                record=False)  # Training's record is this job's.
   except BaseException:
     eval_failed.set()
     thread.join()
@@ -292,7 +350,7 @@ def _main(experiment_class: Callable[..., Any],
                      "(a file defining get_config()).")
   base_config.validate_config(config)
   if FLAGS.jaxline_print_config:
-    print(base_config.resolve(copy.deepcopy(config)))
+    print(config_as_python(config), end="")
     return
   if FLAGS.jaxline_tpu_driver:
     raise ValueError(

@@ -487,9 +487,11 @@ def test_print_config_prints_every_key_and_stops(capsys):
   keys = list(base_config.get_base_config().keys()) + [
       "checkpoint_dir", "eval_poll_interval_secs"]
   for key in keys:
-    assert re.search(rf"^{key}:", out, re.MULTILINE), key
-  assert re.search(r"^training_steps: 1234$", out, re.MULTILINE)
-  assert re.search(r"^eval_poll_interval_secs: 10\.0$", out, re.MULTILINE)
+    assert re.search(rf"^  config\.{key} = ", out, re.MULTILINE), key
+  assert re.search(r"^  config\.training_steps = 1234$", out, re.MULTILINE)
+  assert re.search(r"^  config\.eval_poll_interval_secs = 10\.0  # jaxline "
+                   r"default$", out, re.MULTILINE)
+  assert "def get_config():" in out
   assert not factories.calls
   assert not log.modes
 

@@ -5,17 +5,14 @@ A checkpoint must fit the experiment it goes into: the same entries and, for
 value. State that the experiment creates lazily is checked against
 `abstract_snapshot_state()` when the experiment declares it. Values of
 `NON_BROADCAST_CHECKPOINT_ATTRS` are host state that may grow (lists,
-counters), so only their presence is checked. And a run resumed under other
-`experiment_kwargs` says so, key by key, instead of resuming silently.
+counters), so only their presence is checked.
 """
 
-import re
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import jax
 import numpy as np
 
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 # Why an old experiment meets a checkpoint it did not write: 0.0.8 kept
 # checkpoints in memory, so a shared /tmp checkpoint_dir never mattered.
 MEMORY_HINT = (
@@ -129,41 +126,3 @@ def _difference(saved: Any, live: Any) -> Optional[str]:
       return (f"at {jax.tree_util.keystr(path) or 'the root'} the checkpoint "
               f"holds {_show(s_sig)} and the experiment {_show(l_sig)}")
   return None
-
-
-def _json_value(value: Any) -> Any:
-  if value is None or isinstance(value, (bool, int, float, str)):
-    return value
-  if isinstance(value, (list, tuple)):
-    return [_json_value(v) for v in value]
-  if isinstance(value, np.generic):
-    return value.item()
-  name = getattr(value, "__qualname__", None)
-  if name is not None and getattr(value, "__module__", None):
-    return f"{value.__module__}.{name}"  # A function or a class.
-  # Default reprs hold the object's address, new in every process: without
-  # it, an unchanged object in the config is not reported as a change.
-  return _ADDRESS.sub("", repr(value))
-
-
-def flatten_config(config: Any, prefix: str = "") -> Dict[str, Any]:
-  """A ConfigDict or dict as {"a.b": JSON value}, for recording and diffs."""
-  if hasattr(config, "to_dict"):
-    config = config.to_dict()
-  flat = {}
-  for key, value in (config or {}).items():
-    name = f"{prefix}{key}"
-    if hasattr(value, "to_dict") or isinstance(value, dict):
-      flat.update(flatten_config(value, name + "."))
-    else:
-      flat[name] = _json_value(value)
-  return flat
-
-
-def changed_keys(saved: Mapping[str, Any],
-                 current: Mapping[str, Any]) -> List[str]:
-  """`key: old -> new` for every key that differs, sorted."""
-  absent = "(absent)"
-  return [f"{key}: {saved.get(key, absent)!r} -> {current.get(key, absent)!r}"
-          for key in sorted(set(saved) | set(current))
-          if saved.get(key, absent) != current.get(key, absent)]

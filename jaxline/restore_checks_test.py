@@ -7,7 +7,6 @@ Orbax metadata), or inline host arrays. The live side is a real experiment.
 
 import jax
 import jax.numpy as jnp
-from ml_collections import config_dict
 import numpy as np
 import optax
 import pytest
@@ -234,76 +233,3 @@ def test_missing_and_extra_entries_are_named():
 
 
 # --- experiment_kwargs -------------------------------------------------------
-
-
-def _kwargs(hidden=16, **extra):
-  config = config_dict.ConfigDict()
-  config.model = config_dict.ConfigDict()
-  config.model.hidden = hidden
-  config.model.width = config_dict.FieldReference(hidden * 2)
-  config.model.width_copy = config.model.get_ref("width")
-  config.model.layers = (hidden, hidden, 10)
-  config.optimizer = {"name": "adam", "lr": 1e-3, "betas": [0.9, 0.999]}
-  config.seed = np.int32(3)
-  config.activation = jax.nn.relu
-  config.nothing = None
-  for key, value in extra.items():
-    config[key] = value
-  return config
-
-
-def test_flatten_config_gives_dotted_json_values():
-  flat = restore_checks.flatten_config(_kwargs())
-  assert flat["model.hidden"] == 16
-  assert flat["model.width"] == 32
-  assert flat["model.width_copy"] == 32  # The reference, resolved.
-  assert flat["model.layers"] == [16, 16, 10]  # Tuples as lists.
-  assert flat["optimizer.name"] == "adam"
-  assert flat["optimizer.betas"] == [0.9, 0.999]
-  assert flat["seed"] == 3 and type(flat["seed"]) is int
-  # Functions and classes by their import path.
-  assert flat["activation"] == (
-      f"{jax.nn.relu.__module__}.{jax.nn.relu.__qualname__}")
-  assert flat["nothing"] is None
-  assert "model" not in flat and "optimizer" not in flat
-  assert restore_checks.flatten_config(None) == {}
-  assert restore_checks.flatten_config({"a": {"b": (1, (2,))}}) == {
-      "a.b": [1, [2]]}
-
-
-def test_objects_in_the_config_are_described_without_their_address():
-  """adversarial_robustness puts attack objects and functions in its config.
-
-  Their default repr holds an address that differs in every process, which
-  made every resume report them as changed.
-  """
-
-  class Attack:
-    pass
-
-  def loss_fn():
-    pass
-
-  first = restore_checks.flatten_config({"attack": Attack(), "loss": loss_fn})
-  second = restore_checks.flatten_config({"attack": Attack(), "loss": loss_fn})
-  assert "0x" not in first["attack"] and "Attack object" in first["attack"]
-  assert first["loss"].endswith("loss_fn")
-  assert restore_checks.changed_keys(first, second) == []
-
-
-def test_changed_keys_lists_each_difference():
-  saved = restore_checks.flatten_config(_kwargs(hidden=16, dropout=0.1))
-  current = restore_checks.flatten_config(_kwargs(hidden=32, label="x"))
-  changed = restore_checks.changed_keys(saved, current)
-  assert "model.hidden: 16 -> 32" in changed
-  assert "model.width: 32 -> 64" in changed
-  assert "model.layers: [16, 16, 10] -> [32, 32, 10]" in changed
-  removed = [line for line in changed if line.startswith("dropout: ")]
-  added = [line for line in changed if line.startswith("label: ")]
-  assert len(removed) == 1 and "0.1 -> " in removed[0]
-  assert "absent" in removed[0]
-  assert len(added) == 1 and added[0].endswith("-> 'x'")
-  assert "absent" in added[0]
-  assert changed == sorted(changed)
-  assert not any(line.startswith(("seed", "optimizer")) for line in changed)
-  assert restore_checks.changed_keys(saved, saved) == []

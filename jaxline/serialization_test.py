@@ -11,7 +11,6 @@ import collections
 import dataclasses
 import importlib.util
 import json
-import os
 import pickle
 import sys
 import tracemalloc

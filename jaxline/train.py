@@ -41,11 +41,14 @@ def train(experiment_class: Callable[..., Any],
           writer: Optional[utils.Writer],
           periodic_actions: Sequence[utils.PeriodicAction] = (),
           *,
-          stop_event: Optional[threading.Event] = None) -> None:
+          stop_event: Optional[threading.Event] = None,
+          on_start: Optional[Callable[[], None]] = None) -> None:
   """Trains `experiment_class` until `should_run_step` is False.
 
   SIGTERM/SIGINT (caught here when this is the main thread) or `stop_event`
   end training at the next step boundary with a save of "latest".
+  `on_start` runs once the checkpoint (if any) is restored, before the first
+  step: a run refused by its checkpoint never counts as started.
   """
   logging.info("Training with config:\n%s", config)
   is_chief = jax.process_index() == 0
@@ -70,6 +73,8 @@ def train(experiment_class: Callable[..., Any],
       checkpointer.restore("latest")
     logging.info("Resuming training at global_step %d from checkpoint %s.",
                  state.global_step, path)
+  if on_start is not None:
+    on_start()
   if not experiment.should_run_step(state.global_step, config):
     logging.info("Nothing to train: global_step %d of training_steps %s is "
                  "done.", state.global_step, config.training_steps)

@@ -457,9 +457,20 @@ def test_lazy_parameters_declared_fail_undeclared_resume(tmp_path, start):
   output = run.output()
   assert _restored(output) == 4
   assert run.steps() == [4, 5, 6, 7]
-  warnings = re.findall(r"written under other experiment_kwargs; resuming "
-                        r"anyway\. Changed: (.*)", output)
+  warnings = re.findall(r"written under other experiment_kwargs; restoring "
+                        r"it anyway\. Changed: (.*)", output)
   assert warnings == ["config.learning_rate: 0.1 -> 0.2"], warnings
+  # The start-up record compares the whole config with the last run's.
+  record = re.findall(r"config changed since the last run in \S+: (\d+) "
+                      r"config key\(s\) differ from (\S+) \(old -> new\): "
+                      r"(.*)", output)
+  assert len(record) == 1, output
+  count, path, changes = record[0]
+  assert path == str(run_dir / "config.json")
+  assert "experiment_kwargs.config.learning_rate: 0.1 -> 0.2" in changes
+  assert "training_steps: 4 -> 8" in changes
+  # The refused run (hidden=32) never started, so it left no record.
+  assert "hidden" not in changes and "declare_abstract" not in changes
 
 
 # --- SIGUSR1 -----------------------------------------------------------------
