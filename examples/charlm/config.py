@@ -5,7 +5,8 @@ Train and evaluate side by side (from the repository root):
   python -m examples.charlm.experiment --config=examples/charlm/config.py \
       --jaxline_mode=train_eval_multithreaded
 
-That trains a small transformer on the source of Python's standard library,
+(or `python -m jaxline --config=examples/charlm/config.py ...`: this config
+names its experiment class). That trains a small transformer on the source of Python's standard library,
 offline, in a few minutes on a laptop CPU, and ends with a line like
 "Final evaluation at step 500 on 32768 validation characters: loss 1.67,
 bits/char 2.41" (README.md has the measured numbers). Checkpoints and
@@ -45,6 +46,8 @@ def get_config(arg: Optional[str] = None) -> config_dict.ConfigDict:
     raise ValueError(f"Unknown preset {preset!r}: use one of "
                      f"{', '.join(PRESETS)} (config.py:<preset>).")
   config = base_config.get_base_config()
+  # What `python -m jaxline --config=examples/charlm/config.py` runs.
+  config.experiment_class = "examples.charlm.experiment:Experiment"
   # Global arrays over jaxline.sharding.data_parallel_mesh() and jax.jit,
   # instead of per-device values and pmap.
   config.experiment_style = "sharded"

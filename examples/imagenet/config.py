@@ -17,7 +17,9 @@ the repository root, with ImageNet prepared for TensorFlow Datasets):
       --config.experiment_kwargs.config.dataset.data_dir=/path/to/tfds
 
 Or run training and evaluation as two jobs sharing a checkpoint_dir, one with
-`--jaxline_mode=train` and one with `--jaxline_mode=eval`.
+`--jaxline_mode=train` and one with `--jaxline_mode=eval`. `python -m jaxline`
+in place of `python -m examples.imagenet.experiment` runs the same: this
+config names its experiment class.
 
 ImageNet has to be prepared once first (examples/imagenet/prepare_data.py).
 
@@ -75,6 +77,8 @@ def get_config(arg: Optional[str] = None) -> config_dict.ConfigDict:
   steps_per_epoch = num_train_examples // batch_size
 
   config = base_config.get_base_config()
+  # What `python -m jaxline --config=examples/imagenet/config.py` runs.
+  config.experiment_class = "examples.imagenet.experiment:Experiment"
   config.training_steps = num_epochs * steps_per_epoch
   # Step intervals: every 10 epochs whatever the speed of the machine, and
   # every host saves at the same step.

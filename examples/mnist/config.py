@@ -5,6 +5,12 @@ Train and evaluate side by side (from the repository root):
   python -m examples.mnist.experiment --config=examples/mnist/config.py \
       --jaxline_mode=train_eval_multithreaded
 
+or, the same through jaxline's generic runner (this config names its
+experiment class):
+
+  python -m jaxline --config=examples/mnist/config.py \
+      --jaxline_mode=train_eval_multithreaded
+
 That trains a small convnet on scikit-learn's bundled 8x8 digits, offline,
 and ends with a line like "Final evaluation at step 500 ... accuracy: 0.9917".
 Checkpoints and TensorBoard logs go to runs/mnist_digits under the current
@@ -45,6 +51,8 @@ def get_config(arg: Optional[str] = None) -> config_dict.ConfigDict:
     raise ValueError(f"Unknown preset {dataset!r}: use config.py:digits or "
                      "config.py:mnist.")
   config = base_config.get_base_config()
+  # What `python -m jaxline --config=examples/mnist/config.py` runs.
+  config.experiment_class = "examples.mnist.experiment:Experiment"
 
   # Step-based intervals keep short runs reproducible: the same steps are
   # logged, checkpointed and evaluated on a fast or a slow machine.

@@ -1,0 +1,74 @@
+r"""Golden config of examples/charlm/config.py:fsdp, resolved.
+
+Written by jaxline.golden_configs; do not edit by hand.
+"""
+
+from ml_collections import config_dict
+
+
+def get_config():
+  config = config_dict.ConfigDict()
+  config.best_checkpoint_all_hosts = False
+  config.best_model_eval_metric = 'loss'
+  config.best_model_eval_metric_higher_is_better = False
+  config.checkpoint_allow_pickle = False  # jaxline default
+  config.checkpoint_backend = 'disk'  # jaxline default
+  config.checkpoint_dir = 'runs/charlm_fsdp'
+  config.checkpoint_interval_type = None
+  config.eval_every_checkpoint = False  # jaxline default
+  config.eval_initial_weights = False
+  config.eval_poll_interval_secs = 1.0
+  config.experiment_class = 'examples.charlm.experiment:Experiment'
+  config.experiment_kwargs = config_dict.ConfigDict()
+  config.experiment_kwargs.config = config_dict.ConfigDict()
+  config.experiment_kwargs.config.adam_b1 = 0.9
+  config.experiment_kwargs.config.adam_b2 = 0.98
+  config.experiment_kwargs.config.batch_size = 8
+  config.experiment_kwargs.config.data = config_dict.ConfigDict()
+  config.experiment_kwargs.config.data.files = ''
+  config.experiment_kwargs.config.data.validation_fraction = 0.1
+  config.experiment_kwargs.config.eval_batch_size = 8
+  config.experiment_kwargs.config.eval_windows = 16
+  config.experiment_kwargs.config.final_learning_rate_fraction = 0.1
+  config.experiment_kwargs.config.fsdp = True
+  config.experiment_kwargs.config.gradient_clip_norm = 1.0
+  config.experiment_kwargs.config.learning_rate = 0.01
+  config.experiment_kwargs.config.model = config_dict.ConfigDict()
+  config.experiment_kwargs.config.model.dropout = 0.1
+  config.experiment_kwargs.config.model.mlp_ratio = 4
+  config.experiment_kwargs.config.model.num_heads = 4
+  config.experiment_kwargs.config.model.num_layers = 2
+  config.experiment_kwargs.config.model.width = 64
+  config.experiment_kwargs.config.sample = config_dict.ConfigDict()
+  config.experiment_kwargs.config.sample.prompt = 'def '
+  config.experiment_kwargs.config.sample.temperature = 0.7
+  config.experiment_kwargs.config.seq_len = 32
+  config.experiment_kwargs.config.warmup_steps = 2
+  config.experiment_kwargs.config.weight_decay = 0.1
+  config.experiment_style = 'sharded'
+  config.interval_type = 'steps'
+  config.legacy_random_seed_behavior = False
+  config.log_all_hosts = False
+  config.log_all_train_data = False
+  config.log_async = True
+  config.log_tensors_interval = 4
+  config.log_train_data_interval = 1.0
+  config.logging_interval_type = None
+  config.max_checkpoints_to_keep = 5
+  config.one_off_evaluate = False
+  config.periodic_action_growth_ratios = None
+  config.preemption_grace_secs = 60.0  # jaxline default
+  config.profile_num_steps = 5  # jaxline default
+  config.profile_start_step = config_dict.placeholder(int)  # jaxline default
+  config.random_mode_eval = 'same_host_same_device'
+  config.random_mode_train = 'unique_host_unique_device'
+  config.random_seed = 42
+  config.save_checkpoint_interval = 8
+  config.save_initial_train_checkpoint = False
+  config.step_timeout_secs = config_dict.placeholder(float)  # jaxline default
+  config.terminate_on_nan = True  # jaxline default
+  config.train_checkpoint_all_hosts = False
+  config.training_steps = 24
+  # Keys that share one value (FieldReferences): an override of one sets all.
+  config.experiment_kwargs.config.training_steps = config.get_ref('training_steps')  # computed: linked to config.training_steps
+  return config
