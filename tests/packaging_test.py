@@ -52,6 +52,7 @@ def test_wheel_holds_the_package_license_and_types_but_no_tests(dists):
     modules = [n for n in names if n.startswith("jaxline/")]
     assert "jaxline/train.py" in modules
     assert "jaxline/platform.py" in modules
+    assert "jaxline/__main__.py" in modules  # python -m jaxline
     assert "jaxline/py.typed" in modules
     assert not [n for n in names if n.endswith("_test.py")]
     (license_path,) = [n for n in names if n.endswith("/licenses/LICENSE")]
@@ -108,6 +109,14 @@ def _quickstart_source() -> str:
   return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+def _runner_line() -> str:
+  """The line the README adds to get_config() for `python -m jaxline`."""
+  with open(_README) as f:
+    readme = f.read()
+  section = readme[readme.index("### The second way"):]
+  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
 def test_quickstart_runs_from_the_installed_wheel(dists, tmp_path):
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
@@ -131,7 +140,12 @@ def test_quickstart_runs_from_the_installed_wheel(dists, tmp_path):
 
   work = tmp_path / "user"
   work.mkdir()
-  (work / "experiment.py").write_text(_quickstart_source())
+  # As the README says: the Quickstart, with the line for the runner.
+  source = _quickstart_source()
+  anchor = "  config = base_config.get_base_config()\n"
+  assert anchor in source
+  (work / "experiment.py").write_text(
+      source.replace(anchor, anchor + _runner_line(), 1))
   env = conftest.subprocess_env(1)
   env.pop("PYTHONPATH")  # Nothing from the checkout.
   where = subprocess.run(
@@ -147,8 +161,10 @@ def test_quickstart_runs_from_the_installed_wheel(dists, tmp_path):
   assert "global_step: 200," in train.stderr
   assert (work / "runs" / "quickstart" / "checkpoints" / "latest" /
           "200").is_dir()
+  assert (work / "runs" / "quickstart" / "config.json").is_file()
+  # Evaluation through the generic runner, from the wheel's __main__.
   evaluation = conftest.run_python(
-      [python, "experiment.py", "--config=experiment.py",
+      [python, "-m", "jaxline", "--config=experiment.py",
        "--jaxline_mode=eval"], cwd=work, env=env, timeout=300)
   assert evaluation.returncode == 0, evaluation.stderr[-4000:]
   max_error = re.findall(r"Evaluated step 200: \{'max_error': ([\d.e-]+)\}",
