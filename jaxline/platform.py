@@ -171,8 +171,12 @@ def _record_config(config: config_dict.ConfigDict, mode: str) -> None:
   """The chief keeps the run's config in its checkpoint_dir."""
   if jax.process_index() != 0 or not config.get("checkpoint_dir", ""):
     return
-  run_config.record(config, mode=mode, python_text=config_as_python(config),
-                    defaults=base_config.missing_defaults(config))
+  try:
+    run_config.record(config, mode=mode, python_text=config_as_python(config),
+                      defaults=base_config.missing_defaults(config))
+  except Exception:  # pylint: disable=broad-except
+    # A record is for people; a config it cannot write must not cost a run.
+    logging.exception("Could not record the config of this run; going on.")
 
 
 def create_checkpointer(config, mode: str) -> utils.Checkpointer:

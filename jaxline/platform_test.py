@@ -552,3 +552,34 @@ def test_imports_have_no_side_effects(tmp_path):
       check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "IMPORTS-OK" in result.stdout
+
+
+# --- the run's recorded config -----------------------------------------------
+
+
+def test_train_records_its_config_with_custom_factories(tmp_path):
+  factories = _Factories()
+  config = _config(checkpoint_dir=str(tmp_path))
+  with flagsaver.flagsaver(config=config, jaxline_mode="train"):
+    _main(_make_experiment(_Log()), factories)
+  assert (tmp_path / "config.json").is_file()
+  text = (tmp_path / "config.py").read_text()
+  assert "  config.training_steps = 3\n" in text
+  assert "  config.terminate_on_nan = True  # jaxline default\n" in text
+
+
+def test_a_config_that_cannot_be_recorded_does_not_stop_training(
+    tmp_path, monkeypatch, caplog):
+
+  def fail(*args, **kwargs):
+    raise RuntimeError("cannot record")
+
+  monkeypatch.setattr(platform.run_config, "record", fail)
+  factories = _Factories()
+  log = _Log()
+  config = _config(checkpoint_dir=str(tmp_path))
+  with flagsaver.flagsaver(config=config, jaxline_mode="train"):
+    _main(_make_experiment(log), factories)
+  assert ("train", 3) in [(w[0], w[1]) for w in factories.writes]
+  assert any("Could not record the config" in r.getMessage()
+             for r in caplog.records)

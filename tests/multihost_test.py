@@ -232,6 +232,27 @@ def test_every_process_saves_and_only_the_chief_logs(two_processes):
   assert all("loss" in tags for tags in data.values())
 
 
+def test_the_runner_starts_processes_with_the_same_flags(tmp_path):
+  """`python -m jaxline` takes the --jaxline_* process flags too."""
+  checkpoint_dir = tmp_path / "ckpt"
+  outputs, _ = _run_job(
+      tmp_path, "runner", _experiment_args(
+          tmp_path, checkpoint_dir=checkpoint_dir, extra=[
+              "--config.training_steps=2",
+              "--config.experiment_class=multihost_experiment:Experiment"]),
+      2, script=["-m", "jaxline"])
+  for i in (0, 1):
+    assert _INITIALIZING in outputs[i]
+    assert re.findall(r"Saved checkpoint latest with id (\d+)\.",
+                      outputs[i])[-1] == "2"
+  assert len(_records(tmp_path, "train", 1)) == 2  # Process 1 trained.
+  # The chief alone keeps the run's config.
+  with open(checkpoint_dir / "config.json") as f:
+    assert json.load(f)["training_steps"] == 2
+  assert "The resolved config is in" in outputs[0]
+  assert "The resolved config is in" not in outputs[1]
+
+
 def test_non_chief_processes_create_no_tensorboard_files(two_processes,
                                                          two_process_eval):
   for run, mode in ((two_processes, "train"), (two_process_eval, "eval")):

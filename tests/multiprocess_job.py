@@ -71,7 +71,10 @@ class Job:
       log = open(self.log_path(i), "w")
       self._files.append(log)
       self.processes[i] = subprocess.Popen(
-          [sys.executable, self.script] + self.args + flags, cwd=TESTDATA,
+          # A script's path, or a list such as ["-m", "jaxline"].
+          [sys.executable] + (list(self.script) if isinstance(
+              self.script, (list, tuple)) else [self.script]) +
+          self.args + flags, cwd=TESTDATA,
           env=env, stdout=log, stderr=subprocess.STDOUT,
           start_new_session=True)
     return self
