@@ -27,7 +27,6 @@ JAXLINE_DEFAULT = "jaxline default"
 NOT_CODE = "NOT CODE"
 # Small arrays are written out; a larger one is not a config value.
 _MAX_ARRAY_SIZE = 64
-# Addresses differ in every process; without them a record is reproducible.
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _IMPORTED = '''
 
@@ -113,10 +112,19 @@ class _Writer:
     return f"np.array({value.tolist()!r}, dtype=np.{value.dtype.name})"
 
 
+def without_address(text: str) -> str:
+  """A repr without the object's address, which differs in every process.
+
+  Without it, a record is reproducible and an unchanged object does not
+  show up as a change.
+  """
+  return _ADDRESS.sub("", text)
+
+
 def describe(value: Any) -> str:
   """What a value that is not code is, for the mark on its line."""
   kind = type(value)
-  text = _ADDRESS.sub("", repr(value).split("\n", 1)[0])
+  text = without_address(repr(value).split("\n", 1)[0])
   if len(text) > 80:
     text = text[:77] + "..."
   return f"{kind.__module__}.{kind.__qualname__}: {text}"

@@ -16,7 +16,6 @@ and the JSON is only ever compared.
 import datetime
 import json
 import os
-import re
 from typing import Any, Dict, List, Mapping, Optional
 
 from absl import logging
@@ -24,11 +23,12 @@ from etils import epath
 from ml_collections import config_dict
 import numpy as np
 
+from jaxline import config_code
+
 CONFIG_JSON = "config.json"
 CONFIG_PY = "config.py"
 # Changed keys listed in one log line; the files hold the rest.
 _MAX_LOGGED = 40
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def json_value(value: Any) -> Any:
@@ -44,9 +44,7 @@ def json_value(value: Any) -> Any:
   name = getattr(value, "__qualname__", None)
   if name is not None and getattr(value, "__module__", None):
     return f"{value.__module__}.{name}"  # A function or a class.
-  # Default reprs hold the object's address, new in every process: without
-  # it, an unchanged object in the config is not reported as a change.
-  return _ADDRESS.sub("", repr(value))
+  return config_code.without_address(repr(value))
 
 
 def to_json(config: Any, *,
