@@ -30,6 +30,10 @@ def _leaves(config, prefix=""):
       out += _leaves(value, f"{prefix}{key}.")
     elif isinstance(value, float) and math.isnan(value):
       out.append((f"{prefix}{key}", "float", "nan"))
+    elif isinstance(value, (set, frozenset)):
+      # A set's repr follows its insertion order and string hashes.
+      out.append((f"{prefix}{key}", type(value).__name__,
+                  repr(sorted(value))))
     else:
       out.append((f"{prefix}{key}", type(value).__name__, repr(value)))
   return out
