@@ -281,6 +281,31 @@ class PyPrefetchTest(parameterized.TestCase):
     self.assertIs(cm.exception, error)
     log_exception.assert_called_once()
 
+  def test_consumer_stopping_early_stops_the_producer(self):
+    # Otherwise the producer blocks forever on a full buffer, holding its
+    # items (device arrays, say).
+    closed = threading.Event()
+    produced = []
+
+    def source():
+      try:
+        for i in range(1000):
+          produced.append(i)
+          yield i
+      finally:
+        closed.set()
+
+    generator = concurrency.py_prefetch(source, buffer_size=2,
+                                        thread_name="stops_early")
+    self.assertEqual(next(generator), 0)
+    generator.close()
+    self.assertTrue(closed.wait(_WAIT_SECS))
+    for thread in threading.enumerate():
+      if thread.name == "stops_early":
+        thread.join(_WAIT_SECS)
+        self.assertFalse(thread.is_alive())
+    self.assertLess(len(produced), 10)
+
   def test_factory_error_is_delivered(self):
 
     def factory():

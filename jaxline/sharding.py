@@ -8,11 +8,13 @@ Everything here works with several processes (`jax.distributed`).
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+
+from jaxline import concurrency
 
 DATA_AXIS = "data"
 PartitionSpec = jax.sharding.PartitionSpec
@@ -76,11 +78,56 @@ def host_batch_to_global(batch: Any,
 
   Each process passes its own `global_batch / process_count` rows; the result
   has the global batch as its leading axis, sharded over the mesh.
+  `double_buffer_global(ds)` does this for a dataset, one batch ahead.
   """
   sharding = batch_sharded(mesh)
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(sharding,
                                                        np.asarray(x)), batch)
+
+
+def double_buffer_global(
+    ds: Iterable[Any],
+    *,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    sharding: Optional[jax.sharding.Sharding] = None) -> Iterator[Any]:
+  """`host_batch_to_global` over a dataset, placing batch i+1 during step i.
+
+  The sharded style's `utils.double_buffer`. `ds` yields this process's
+  share of each global batch (numpy pytrees, `global_batch /
+  process_count()` rows); out come global `jax.Array` batches, by default
+  split over the leading axis of `mesh` (`data_parallel_mesh()`) exactly as
+  `host_batch_to_global(batch, mesh)` places them, or laid out as `sharding`
+  says (any sharding `jax.make_array_from_process_local_data` takes).
+
+  Before batch i is yielded, batch i+1 is pulled from `ds`, copied (datasets
+  often refill one buffer, and a CPU transfer may alias it) and placed on
+  the devices in a background thread, so the transfer overlaps the caller's
+  jitted step on batch i. `ds` runs in the caller's thread: put slow host
+  work upstream in `utils.py_prefetch`, and both overlap with compute:
+
+      batches = sharding.double_buffer_global(
+          utils.py_prefetch(lambda: my_host_batches(jax.process_index())))
+
+  An error raised by `ds`, or a None item (a `ValueError`), comes after the
+  batches before it; a batch that cannot be placed raises instead of that
+  batch. The placement needs no communication between processes, so every
+  process may run ahead on its own.
+  """
+  if mesh is not None and sharding is not None:
+    raise ValueError("Pass mesh or sharding to double_buffer_global, not "
+                     "both: the mesh only picks batch_sharded(mesh).")
+  target = sharding if sharding is not None else batch_sharded(mesh)
+
+  def place_batch(batch: Any) -> Any:
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(target,
+                                                         np.asarray(x)),
+        batch)
+
+  return concurrency.place_ahead(ds, place_batch,
+                                 thread_name="double_buffer_global",
+                                 what="double_buffer_global")
 
 
 def to_host(tree: Any) -> Any:

@@ -12,6 +12,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -20,11 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import subprocess_env
+from jaxline import concurrency
 from jaxline import sharding
 
 P = jax.sharding.PartitionSpec
 
 _Pair = collections.namedtuple("_Pair", ["a", "b"])
+
+_WAIT_SECS = 30  # Generous: only reached if something is broken.
 
 
 def _n():
@@ -329,6 +334,196 @@ class PlaceTest(parameterized.TestCase):
     self.assertEqual(result.dtype, np.uint32)
     np.testing.assert_array_equal(result, [0, 42])
     self.assertTrue(result.is_fully_replicated)
+
+
+def _host_batch(i):
+  """This process's share of batch i, told apart from the others by i."""
+  rows = 2 * _n()
+  return {"x": np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) +
+               100 * i,
+          "y": np.full((rows,), i, np.int32)}
+
+
+def _host_batches(num, pulled=None):
+  for i in range(num):
+    if pulled is not None:
+      pulled.append(i)
+    yield _host_batch(i)
+
+
+class DoubleBufferGlobalTest(parameterized.TestCase):
+
+  def _consume(self, ds):
+    """The batches `ds` gave before it raised, and the error."""
+    received = []
+    try:
+      for batch in ds:
+        received.append(batch)
+    except Exception as e:  # pylint: disable=broad-except
+      return received, e
+    self.fail(f"No error after {len(received)} batches.")
+
+  def test_values_order_and_shardings(self):
+    batches = list(sharding.double_buffer_global(_host_batches(5)))
+    self.assertLen(batches, 5)
+    for batch, expected in zip(batches, _host_batches(5)):
+      self.assertEqual(set(batch), {"x", "y"})
+      self.assertIsInstance(batch["x"], jax.Array)
+      self.assertEqual(batch["y"].dtype, np.int32)
+      _assert_split(self, batch["x"], expected["x"])
+      _assert_split(self, batch["y"], expected["y"])
+
+  def test_same_placement_as_host_batch_to_global(self):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[::-1]), ("b",))
+    for batch, host in zip(
+        sharding.double_buffer_global(_host_batches(3), mesh=mesh),
+        _host_batches(3)):
+      expected = sharding.host_batch_to_global(host, mesh)
+      for name in ("x", "y"):
+        self.assertEqual(batch[name].sharding, expected[name].sharding)
+        _assert_split(self, batch[name], host[name], mesh)
+
+  def test_explicit_sharding(self):
+    target = sharding.replicated()
+    batches = list(sharding.double_buffer_global(_host_batches(2),
+                                                 sharding=target))
+    for batch, host in zip(batches, _host_batches(2)):
+      for name in ("x", "y"):
+        self.assertEqual(batch[name].sharding, target)
+        self.assertTrue(batch[name].is_fully_replicated)
+        np.testing.assert_array_equal(batch[name], host[name])
+
+  def test_mesh_and_sharding_together_are_refused(self):
+    with self.assertRaisesRegex(ValueError, "not both"):
+      sharding.double_buffer_global(
+          iter([]), mesh=sharding.data_parallel_mesh(),
+          sharding=sharding.batch_sharded())
+
+  def test_feeds_a_jitted_step(self):
+    step = jax.jit(lambda total, batch: total + jnp.sum(batch["y"]),
+                   out_shardings=sharding.replicated())
+    total = sharding.replicate(np.int32(0))
+    for batch in sharding.double_buffer_global(_host_batches(4)):
+      total = step(total, batch)
+    self.assertEqual(int(sharding.to_host(total)), 2 * _n() * (0 + 1 + 2 + 3))
+
+  def test_empty_dataset(self):
+    self.assertEqual(list(sharding.double_buffer_global(iter([]))), [])
+
+  def test_pulls_nothing_before_iteration_and_one_batch_ahead(self):
+    pulled = []
+    batches = sharding.double_buffer_global(_host_batches(3, pulled))
+    self.assertEqual(pulled, [])
+    next(batches)
+    self.assertEqual(pulled, [0, 1])
+    next(batches)
+    self.assertEqual(pulled, [0, 1, 2])
+
+  def test_none_item_comes_after_the_batches_before_it(self):
+    first, second = _host_batch(0), _host_batch(1)
+    received, error = self._consume(
+        sharding.double_buffer_global(iter([first, second, None, first])))
+    self.assertLen(received, 2)
+    self.assertIsInstance(error, ValueError)
+    self.assertIn("double_buffer_global got a None item", str(error))
+
+  def test_dataset_error_comes_at_its_batch(self):
+    failure = IOError("disk gone")
+
+    def source():
+      yield from _host_batches(2)
+      raise failure
+
+    received, error = self._consume(sharding.double_buffer_global(source()))
+    self.assertLen(received, 2)
+    np.testing.assert_array_equal(received[1]["y"], np.full((2 * _n(),), 1))
+    self.assertIs(error, failure)
+
+  def test_placement_error_comes_instead_of_its_batch(self):
+    good = _host_batch(0)
+    # A scalar cannot be split along a leading axis.
+    received, error = self._consume(sharding.double_buffer_global(
+        iter([good, {"x": np.float32(1.0), "y": good["y"]}, good])))
+    self.assertLen(received, 1)
+    self.assertIsInstance(error, ValueError)
+
+  def test_reused_host_buffer_is_copied(self):
+    buffer = np.zeros((2 * _n(), 3), np.float32)
+
+    def source():
+      for i in range(20):
+        buffer[...] = i  # One buffer, refilled for every batch.
+        yield {"x": buffer}
+
+    batches = []
+    for i, batch in enumerate(sharding.double_buffer_global(source())):
+      np.testing.assert_array_equal(batch["x"], np.full(buffer.shape, i))
+      batches.append(batch)
+    for i, batch in enumerate(batches):  # Nothing aliases the buffer.
+      np.testing.assert_array_equal(batch["x"], np.full(buffer.shape, i))
+
+  def test_next_batch_is_placed_while_the_step_on_this_one_runs(self):
+    # Overlap, with no clock: the "step" on batch i does not end until
+    # batch i+1's placement has started in another thread. Were placement
+    # serial with the steps, the wait would time out.
+    num = 4
+    events = []  # Appended to by both threads.
+    placing = [threading.Event() for _ in range(num)]
+    place = jax.make_array_from_process_local_data
+
+    def recording_place(target, x, *args, **kwargs):
+      i = int(x.reshape(-1)[0])
+      events.append(("placing", i, threading.current_thread()))
+      placing[i].set()
+      return place(target, x, *args, **kwargs)
+
+    def source():
+      for i in range(num):
+        events.append(("pulled", i, threading.current_thread()))
+        yield np.full((2 * _n(),), i, np.int32)
+
+    with mock.patch.object(jax, "make_array_from_process_local_data",
+                           side_effect=recording_place):
+      for i, batch in enumerate(sharding.double_buffer_global(source())):
+        events.append(("step", i, threading.current_thread()))
+        if i + 1 < num:
+          self.assertTrue(placing[i + 1].wait(_WAIT_SECS),
+                          f"batch {i + 1} was not placed during step {i}")
+        np.testing.assert_array_equal(batch, np.full((2 * _n(),), i))
+        events.append(("step done", i, threading.current_thread()))
+
+    order = [(what, i) for what, i, _ in events]
+    for i in range(num - 1):
+      self.assertLess(order.index(("pulled", i + 1)), order.index(("step", i)))
+      self.assertLess(order.index(("placing", i + 1)),
+                      order.index(("step done", i)))
+    me = threading.current_thread()
+    self.assertTrue(all(thread is not me
+                        for what, _, thread in events if what == "placing"))
+
+  def test_host_work_and_placement_overlap_under_py_prefetch(self):
+    # Under py_prefetch the host side of batches i+1 and i+2 runs in the
+    # producer thread while the step on batch i runs: again no clock.
+    num = 5
+    generated = [threading.Event() for _ in range(num)]
+    me = threading.current_thread()
+    threads = []
+
+    def source():
+      for i in range(num):
+        threads.append(threading.current_thread())
+        generated[i].set()
+        yield _host_batch(i)
+
+    batches = sharding.double_buffer_global(
+        concurrency.py_prefetch(source, buffer_size=2))
+    for i, batch in enumerate(batches):
+      if i + 2 < num:
+        self.assertTrue(generated[i + 2].wait(_WAIT_SECS),
+                        f"batch {i + 2} was not made during step {i}")
+      np.testing.assert_array_equal(batch["y"], np.full((2 * _n(),), i))
+    self.assertLen(threads, num)
+    self.assertTrue(all(thread is not me for thread in threads))
 
 
 class SeveralDevicesTest(absltest.TestCase):

@@ -282,6 +282,79 @@ class DoubleBufferTest(absltest.TestCase):
   def test_empty_dataset(self):
     self.assertEqual(list(utils.double_buffer(iter([]))), [])
 
+  def test_reused_host_buffer_is_copied(self):
+    # Before the fix the background copy of item i+1 could run after the
+    # dataset had refilled its buffer with item i+2.
+    buffer = np.zeros((_n(), 1000), np.float32)
+
+    def source():
+      for i in range(30):
+        buffer[...] = i
+        yield {"x": buffer}
+
+    items = []
+    for i, item in enumerate(utils.double_buffer(source())):
+      np.testing.assert_array_equal(item["x"], np.full(buffer.shape, i))
+      items.append(item)
+    for i, item in enumerate(items):  # Nothing aliases the buffer.
+      np.testing.assert_array_equal(item["x"], np.full(buffer.shape, i))
+
+  def test_dataset_error_comes_after_the_items_before_it(self):
+    failure = IOError("disk gone")
+    pulled = []
+
+    def source():
+      yield from self._source(2, pulled)
+      raise failure
+
+    received = []
+    with self.assertRaises(IOError) as cm:
+      for item in utils.double_buffer(source()):
+        received.append(item)
+    self.assertIs(cm.exception, failure)
+    self.assertLen(received, 2)
+    np.testing.assert_array_equal(received[1]["x"], np.ones((_n(), 2)))
+
+  def test_none_item_comes_after_the_items_before_it(self):
+    first = {"x": np.zeros((_n(),), np.float32)}
+    received = []
+    with self.assertRaisesRegex(ValueError, "double_buffer got a None item"):
+      for item in utils.double_buffer(iter([first, first, None, first])):
+        received.append(item)
+    self.assertLen(received, 2)
+
+  def test_next_transfer_runs_while_the_step_on_this_item_runs(self):
+    # Overlap, with no clock: the "step" on item i waits until item i+1's
+    # transfer has started in another thread.
+    num = 4
+    started = [threading.Event() for _ in range(num)]
+    threads = []
+    device_put = jax.device_put
+
+    def recording_put(item, *args, **kwargs):
+      threads.append(threading.current_thread())
+      started[int(np.asarray(item["x"]).flat[0])].set()
+      return device_put(item, *args, **kwargs)
+
+    with mock.patch.object(jax, "device_put", side_effect=recording_put):
+      for i, item in enumerate(utils.double_buffer(self._source(num, []))):
+        if i + 1 < num:
+          self.assertTrue(started[i + 1].wait(_WAIT_SECS),
+                          f"item {i + 1} was not transferred during step {i}")
+        np.testing.assert_array_equal(item["x"], np.full((_n(), 2), i))
+    self.assertLen(threads, num)
+    self.assertNotIn(threading.current_thread(), threads)
+
+  def test_closing_early_stops_the_transfer_thread(self):
+    items = utils.double_buffer(self._source(10, []))
+    next(items)
+    items.close()
+    for thread in threading.enumerate():
+      if thread.name.startswith("double_buffer"):
+        thread.join(_WAIT_SECS)
+    self.assertFalse([t for t in threading.enumerate()
+                      if t.name.startswith("double_buffer")])
+
   def test_on_gpu_passes_items_through_elsewhere(self):
     items = [object(), object()]
     if jax.default_backend() == "gpu":

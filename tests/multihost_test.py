@@ -282,6 +282,8 @@ def test_sharding_helpers_and_rendezvous_across_processes(tmp_path):
     assert not result["batch_fully_addressable"]
     assert result["local_row_starts"] == [4 * i, 4 * i + 2]
     np.testing.assert_array_equal(result["batch_on_host"], everything)
+    np.testing.assert_array_equal(result["double_buffered_on_host"],
+                                  [everything, 2 * everything])
     assert result["total"] == float(everything.sum())
     assert result["replicated_w"] == [1.0, 2.0]
     assert result["replicated_n"] == 7

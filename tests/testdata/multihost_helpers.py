@@ -58,6 +58,10 @@ def main(argv):
   key = sharding.place(jax.random.key(5), sharding.replicated(mesh))
   local_rows = sorted(
       int(s.index[0].start or 0) for s in batch.addressable_shards)
+  # Each process's rows of two batches, placed one batch ahead.
+  buffered = [sharding.to_host(b).tolist() for b in
+              sharding.double_buffer_global(iter([mine, 2 * mine]),
+                                            mesh=mesh)]
 
   late = os.path.join(_OUT.value, "late_arrived")
   if me == count - 1:
@@ -78,6 +82,7 @@ def main(argv):
       batch_shape=list(batch.shape),
       batch_fully_addressable=batch.is_fully_addressable,
       batch_on_host=sharding.to_host(batch).tolist(),
+      double_buffered_on_host=buffered,
       local_row_starts=local_rows,
       total=float(sharding.to_host(total)),
       replicated_w=sharding.to_host(replicated["w"]).tolist(),
