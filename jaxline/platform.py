@@ -9,6 +9,7 @@ A user's experiment file ends with
 and runs as `python experiment.py --config=experiment.py`.
 """
 
+import importlib
 import os
 import shlex
 import sys
@@ -17,13 +18,11 @@ from typing import Any, Callable, Optional, Sequence
 
 from absl import flags
 from absl import logging
-import chex
 import jax
 from ml_collections import config_dict
 from ml_collections import config_flags
 
 from jaxline import base_config
-from jaxline import checkpointing
 from jaxline import config_code
 from jaxline import distributed
 from jaxline import dry_run
@@ -37,6 +36,18 @@ from jaxline import writers
 TensorBoardLogger = writers.TensorBoardLogger
 
 FLAGS = flags.FLAGS
+
+# Modules this one used to import at the top, still reachable as attributes
+# (`platform.chex` as in 0.0.8), but imported on first use: Orbax and chex
+# add start-up time that most runs never need (issue 12).
+_LAZY_MODULES = {"checkpointing": "jaxline.checkpointing", "chex": "chex"}
+
+
+def __getattr__(name: str) -> Any:
+  if name in _LAZY_MODULES:
+    return importlib.import_module(_LAZY_MODULES[name])
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", help_string="Training configuration file.")
@@ -202,6 +213,8 @@ def create_checkpointer(config, mode: str) -> utils.Checkpointer:
         "config.checkpoint_backend='memory' to say so and silence this.",
         config.checkpoint_dir)
     return utils.InMemoryCheckpointer(config, mode)
+  # Orbax is imported only now (see `__getattr__`).
+  from jaxline import checkpointing  # pylint: disable=g-import-not-at-top
   return checkpointing.DiskCheckpointer(config, mode)
 
 
@@ -363,6 +376,7 @@ def _main(experiment_class: Callable[..., Any],
   distributed.initialize(FLAGS.jaxline_coordinator_address,
                          FLAGS.jaxline_num_processes, FLAGS.jaxline_process_id)
   if FLAGS.jaxline_ensure_tpu:
+    import chex  # pylint: disable=g-import-not-at-top  # See __getattr__.
     chex.assert_tpu_available()
   if FLAGS.jaxline_dry_run:
     dry_run.dry_run(experiment_class, config)

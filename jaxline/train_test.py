@@ -1049,6 +1049,29 @@ def test_evaluate_failure_waits_flushes_and_reraises():
   assert ("wait",) in events and ("flush",) in events
 
 
+def test_evaluate_skips_a_checkpoint_that_became_unavailable(absl_info):
+  # The disk checkpointer raises this for a step deleted after it was
+  # listed. train.py names the error without importing jaxline.checkpointing
+  # (Orbax) itself; building a disk checkpointer imports it.
+  from jaxline import checkpointing  # pylint: disable=g-import-not-at-top
+
+  class Vanishing(_SharedStateCheckpointer):
+
+    def restore(self, ckpt_series):
+      if self._current == "a":
+        self.restores.append(ckpt_series)
+        raise checkpointing.CheckpointUnavailableError("Step a is gone.")
+      super().restore(ckpt_series)
+
+  log = _Log()
+  checkpointer = Vanishing([], script=["a", "b"], checkpoints={"b": 3})
+  _run_eval(_make_experiment(log), _config(), checkpointer=checkpointer)
+  assert [int(e["global_step"][0]) for e in log.evals] == [3]
+  assert checkpointer.restores == ["latest", "latest"]
+  assert any("Step a is gone. Skipping it" in m
+             for m in _messages(absl_info))
+
+
 # --- Best tracking (§3.3 step 7) ---------------------------------------------
 
 

@@ -8,6 +8,7 @@ Larger pieces live in modules of their own (`devices`, `rng`, `concurrency`,
 import collections
 import contextlib
 import functools
+import importlib
 import os
 import pdb
 import sys
@@ -16,7 +17,6 @@ from typing import Any, Callable, Mapping, Optional, Protocol, TypeVar
 
 from absl import flags
 from absl import logging
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +58,17 @@ CheckpointNT = collections.namedtuple("CheckpointNT", ["active", "history"])
 # Series name -> CheckpointNT. Rebindable: always read as
 # `utils.GLOBAL_CHECKPOINT_DICT`.
 GLOBAL_CHECKPOINT_DICT = {}
+
+
+def __getattr__(name: str) -> Any:
+  """`utils.chex`, as in 0.0.8, imported on first use.
+
+  chex (and the absl testing modules it imports) adds start-up time that
+  only --jaxline_disable_pmap_jit needs (issue 12).
+  """
+  if name == "chex":
+    return importlib.import_module("chex")
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Writer(Protocol):
@@ -121,26 +132,28 @@ def log_activity(activity_name: str):
 
 
 def double_buffer(ds):
-  """Transfers item i+1 to the devices while the caller works on item i."""
-  sharding = None
-  # numpy leaves are copied first: a CPU device_put may alias the buffer,
-  # and datasets often reuse theirs.
-  transfer = make_async("double_buffer")(lambda item: jax.device_put(
-      jax.tree.map(lambda x: np.array(x) if isinstance(x, np.ndarray) else x,
-                   item), sharding))
-  pending = None
-  for item in ds:
-    if item is None:
-      raise ValueError("double_buffer got a None item; the dataset must "
-                       "yield pytrees of per-device arrays.")
-    if sharding is None:
-      sharding = devices.per_device_sharding()
-    future = transfer(item)
-    if pending is not None:
-      yield pending.result()
-    pending = future
-  if pending is not None:
-    yield pending.result()
+  """Transfers item i+1 to the devices while the caller works on item i.
+
+  `ds` yields pytrees of per-device arrays (leading axis
+  `jax.local_device_count()`, as `jax.pmap` takes them); each comes out as
+  `jax.Array`s laid out over the local devices. Item i+1 is pulled from `ds`
+  before item i is yielded, and its numpy leaves are copied (datasets often
+  refill one buffer, and a CPU transfer may alias it) and transferred in a
+  background thread while the caller's step on item i runs. `ds` is
+  iterated in the caller's thread, so slow host work belongs upstream in
+  `utils.py_prefetch`:
+
+      ds = utils.double_buffer(utils.py_prefetch(make_host_batches))
+
+  An error raised by `ds`, or a None item, comes after the items before it.
+  For the sharded (`jax.jit`) style, where the step takes global arrays,
+  `jaxline.sharding.double_buffer_global` does the same with
+  `host_batch_to_global`'s placement.
+  """
+  sharding = devices.per_device_sharding()
+  yield from concurrency.place_ahead(
+      ds, lambda item: jax.device_put(item, sharding),
+      thread_name="double_buffer", what="double_buffer")
 
 
 def double_buffer_on_gpu(ds):
@@ -211,6 +224,7 @@ def disable_pmap_jit(fn: F) -> F:
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
     if flags.FLAGS["jaxline_disable_pmap_jit"].value:
+      import chex  # pylint: disable=g-import-not-at-top  # See __getattr__.
       with chex.fake_pmap_and_jit():
         return fn(*args, **kwargs)
     return fn(*args, **kwargs)

@@ -1,18 +1,19 @@
 """TensorBoard event files and a metrics file, written without TensorFlow.
 
-Events go through tensorboardX's record writer and protos, which never
-import TensorFlow (TensorBoard's own writer reaches for it whenever it is
-installed, costing seconds and half a gigabyte per process). Every scalar
-write also appends one JSON line to `metrics.jsonl` beside the events, for
+`TensorBoardLogger` writes events through `event_file` (tensorboardX's
+record writer and protos, which never import TensorFlow) and appends one
+JSON line per scalar write to `metrics.jsonl` beside the events, for
 `python -m jaxline.plot` and for anything that reads JSON.
 
 `step` writes from the training thread and periodic actions from background
 threads, so every write is queued on one worker thread: callers never wait for
 a device-to-host copy or for the disk, and writes keep their order.
+
+Every run imports this module; tensorboardX and PIL load only when a
+`TensorBoardLogger` is built (issue 12: start-up cost).
 """
 
 import concurrent.futures
-import io
 import itertools
 import json
 import os
@@ -22,13 +23,6 @@ from typing import Any, Mapping, Sequence
 
 from absl import logging
 import numpy as np
-from PIL import Image
-from tensorboardX import event_file_writer
-from tensorboardX.proto import event_pb2
-from tensorboardX.proto import summary_pb2
-from tensorboardX.proto import tensor_pb2
-from tensorboardX.proto import tensor_shape_pb2
-from tensorboardX.proto import types_pb2
 
 _MAX_IMAGES = 3
 METRICS_FILE = "metrics.jsonl"
@@ -97,34 +91,6 @@ def _own_scalar(value: Any) -> Any:
   return value
 
 
-def _png(image: np.ndarray) -> bytes:
-  if image.shape[-1] == 1:
-    image = image[..., 0]
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG")
-  return buffer.getvalue()
-
-
-def _image_value(key: str, images: np.ndarray) -> summary_pb2.Summary.Value:
-  """One summary holding up to 3 images, as TensorBoard's image plugin reads.
-
-  tensorboardX's own image summary tiles a batch into one picture; this
-  keeps the images apart, as TensorBoard's `image` summary does.
-  """
-  height, width = images.shape[1:3]
-  strings = [str(width).encode(), str(height).encode()]
-  strings += [_png(image) for image in images]
-  tensor = tensor_pb2.TensorProto(
-      dtype=types_pb2.DT_STRING,
-      string_val=strings,
-      tensor_shape=tensor_shape_pb2.TensorShapeProto(
-          dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(strings))]))
-  metadata = summary_pb2.SummaryMetadata(
-      plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="images"))
-  return summary_pb2.Summary.Value(tag=key, tensor=tensor, metadata=metadata)
-
-
-
 class TensorBoardLogger:
   """Writes scalars and images under `<config.checkpoint_dir>/<mode>`.
 
@@ -143,12 +109,14 @@ class TensorBoardLogger:
           "which writes nothing when it is empty.")
     self._logdir = os.path.join(os.path.expanduser(checkpoint_dir), mode)
     os.makedirs(self._logdir, exist_ok=True)
+    # Imported here, not at the top: tensorboardX and PIL cost start-up
+    # time that runs without a TensorBoard writer need not pay (issue 12).
+    from jaxline import event_file  # pylint: disable=g-import-not-at-top
     # TensorBoard's own naming, events.out.tfevents.<time>.<host>.<pid>.<n>:
     # two writers in one directory (a resumed run in the same second, hosts
     # with log_all_hosts) never open the same file.
-    self._events = event_file_writer.EventsWriter(
-        os.path.join(self._logdir, "events"),
-        filename_suffix=f".{os.getpid()}.{next(_FILE_COUNTER)}")
+    self._events = event_file.EventFile(
+        self._logdir, filename_suffix=f".{os.getpid()}.{next(_FILE_COUNTER)}")
     self._metrics = open(os.path.join(self._logdir, METRICS_FILE), "a",
                          encoding="utf-8")
     self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -172,11 +140,6 @@ class TensorBoardLogger:
       self._pending = [f for f in self._pending if not f.done()]
       self._pending.append(self._executor.submit(fn, *args))
 
-  def _write(self, global_step: int, values, wall_time: float) -> None:
-    event = event_pb2.Event(step=global_step, wall_time=wall_time,
-                            summary=summary_pb2.Summary(value=values))
-    self._events.write_event(event)
-
   def write_scalars(self, global_step: int, scalars: Mapping[str, Any]):
     """Writes one scalar series per key; the key is the tag."""
     scalars = writable_scalars(scalars)
@@ -197,8 +160,7 @@ class TensorBoardLogger:
         except (TypeError, ValueError) as e:
           raise TypeError(f"Scalar {k!r} is {type(v).__name__} ({v!r:.80}), "
                           "not a number; write_scalars takes numbers.") from e
-      self._write(step, [summary_pb2.Summary.Value(tag=k, simple_value=v)
-                         for k, v in numbers.items()], wall_time)
+      self._events.write_scalars(step, wall_time, numbers)
       record = {"step": step, "wall_time": wall_time}
       record.update(numbers)
       self._metrics.write(json.dumps(record) + "\n")
@@ -209,9 +171,8 @@ class TensorBoardLogger:
     """Writes up to 3 images per key; floats in [0, 1] are scaled to uint8."""
     step = int(global_step)
     converted = {k: _to_uint8(k, v) for k, v in images.items()}
-    self._submit(lambda: self._write(
-        step, [_image_value(k, v) for k, v in converted.items()],
-        time.time()))
+    self._submit(lambda: self._events.write_images(step, time.time(),
+                                                    converted))
 
   def flush(self) -> None:
     """Blocks until every queued write is on disk; re-raises its error."""
