@@ -88,6 +88,7 @@ from jaxline import base_config
 from jaxline import checkpointing
 from jaxline import devices
 from jaxline import experiment
+from jaxline import sharding as sharding_lib
 from jaxline import train
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -179,6 +180,22 @@ class _BigParams(experiment.AbstractExperiment):
 
   def evaluate(self, *, global_step, rng, writer):
     return {}
+
+
+class _BigGlobalParams(_BigParams):
+  """The same parameters as one global array (the sharded style), split by
+  rows over this process's devices (one on a CPU machine)."""
+
+  def __init__(self, mode, init_rng=None):  # pylint: disable=super-init-not-called
+    experiment.AbstractExperiment.__init__(self, mode, init_rng)
+    n = jax.local_device_count()
+    shape = (n, self.SIZE_MB * 2**20 // 4 // n)
+    self._params = {"w": jax.jit(
+        lambda: jax.random.uniform(jax.random.key(0), shape),
+        out_shardings=sharding_lib.batch_sharded())()}
+    self._steps = 0
+    self._update = jax.jit(lambda p: jax.tree.map(rotate, p),
+                           donate_argnums=0)
 
 
 class _TimedCheckpointer(checkpointing.DiskCheckpointer):
@@ -376,6 +393,21 @@ def _run_pmap(args, root):
                     size, results)]
 
 
+def _run_sharded(args, root):
+  _BigGlobalParams.SIZE_MB = args.size_mb
+  interval = choose_interval(_BigGlobalParams, args.size_mb, args.interval,
+                             args.seconds_between_saves)
+  results = []
+  for mode in MODES:
+    print(f"sharded: running {mode}, a save every {interval} steps ...",
+          flush=True)
+    results.append(run(_BigGlobalParams, mode, saves=args.saves,
+                       interval=interval, style="sharded",
+                       root=os.path.join(root, "sharded")))
+  return [summarize(f"sharded 1x{jax.local_device_count()}", 0,
+                    args.size_mb, args.size_mb, results)]
+
+
 def _free_port():
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))
@@ -488,8 +520,8 @@ def main():
                       "--seconds_between_saves)")
   parser.add_argument("--seconds_between_saves", type=float, default=0.0,
                       help="default: max(3, size_mb / 40)")
-  parser.add_argument("--cases", default="pmap,fsdp",
-                      help="comma-separated: pmap, fsdp")
+  parser.add_argument("--cases", default="pmap,sharded,fsdp",
+                      help="comma-separated: pmap, sharded, fsdp")
   parser.add_argument("--timeout", type=float, default=600,
                       help="seconds the fsdp workers may take")
   parser.add_argument("--dir", default="",
@@ -504,6 +536,8 @@ def main():
   with tempfile.TemporaryDirectory(dir=args.dir or None) as root:
     if "pmap" in cases:
       rows += _run_pmap(args, root)
+    if "sharded" in cases:
+      rows += _run_sharded(args, root)
     if "fsdp" in cases:
       fsdp = _run_fsdp(args, root)
       failed = fsdp is None

@@ -19,6 +19,7 @@ sharding, then with the arrays Orbax read straight onto those shardings.
 """
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Dict, Mapping, Optional
@@ -75,10 +76,22 @@ def _global(x: Any) -> Any:
 
 def encode_state(state: Mapping[str, Any], *, series: str,
                  allow_pickle: bool, experiment_kwargs: Dict[str, Any],
-                 previous_step: Optional[int] = None) -> Dict[str, Any]:
-  """The Composite arguments of one save, built the same on every process."""
+                 previous_step: Optional[int] = None,
+                 detach: bool = False) -> Dict[str, Any]:
+  """The Composite arguments of one save, built the same on every process.
+
+  With `detach`, every array handed to Orbax is a new on-device copy made
+  without waiting for the device, so the save can be written after the
+  caller has moved on: the next step may donate the live buffers.
+  """
   experiment = state.get(ENTRIES)
-  snapshot = experiment.snapshot_state() if experiment is not None else {}
+  fresh = set()  # ids of arrays made for this save.
+  if experiment is None:
+    snapshot = {}
+  elif detach:
+    snapshot = _detached_snapshot(experiment, fresh)
+  else:
+    snapshot = experiment.snapshot_state()
   shared = (set(experiment.CHECKPOINT_ATTRS.values())
             if experiment is not None else set())
   attrs = (restore_checks.entry_attributes(experiment)
@@ -110,10 +123,76 @@ def encode_state(state: Mapping[str, Any], *, series: str,
                    else "pmap",
           "entries": entries, "experiment_kwargs": experiment_kwargs,
           "previous_step": previous_step}
+  if detach:
+    arrays = _detached(arrays, fresh)
   if not arrays:  # Orbax refuses an empty item.
     arrays[_PLACEHOLDER] = np.zeros([1], np.uint8)
   return {"arrays": ocp.args.StandardSave(arrays),
           "meta": ocp.args.JsonSave(meta), "host": ocp.args.JsonSave(host)}
+
+
+@functools.lru_cache(maxsize=None)
+def _select_first():
+  # A select on a runtime flag, not a plain slice: XLA:CPU runs a program
+  # that only copies in the calling thread, which would stall the loop for
+  # the whole copy; a select is dispatched like any other computation.
+  return jax.jit(lambda x, keep: jax.numpy.where(
+      keep, x[0], jax.numpy.zeros_like(x[0])))
+
+
+def _first_copy(x: Any, fresh: set[int]) -> Any:
+  """`devices.get_first` of one leaf, as a fresh array, without waiting.
+
+  Adds the new array's id to `fresh`: it needs no further copy.
+  """
+  if not isinstance(x, jax.Array) or not x.ndim:
+    return np.array(devices.get_first(x))
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return devices.get_first(x)  # Copied with the others by `_detached`.
+  if len(x.sharding.device_set) > 1:
+    for shard in x.addressable_shards:  # As devices.get_first picks it.
+      if ((shard.index[0].start or 0) == 0 and
+          shard.data.shape[1:] == x.shape[1:]):
+        x = shard.data
+        break
+    else:
+      return devices.get_first(x)
+  first = _select_first()(x, np.bool_(True))
+  fresh.add(id(first))
+  return first
+
+
+def _detached_snapshot(experiment: Any, fresh: set[int]) -> Dict[str, Any]:
+  """`experiment.snapshot_state()`, its arrays fresh copies where it is ours.
+
+  A subclass's own `snapshot_state` is called as it is; `_detached` then
+  copies what it returns.
+  """
+  if (type(experiment).snapshot_state is not
+      experiment_lib.AbstractExperiment.snapshot_state or
+      experiment_lib.is_sharded(experiment)):
+    return experiment.snapshot_state()
+  if not (experiment.CHECKPOINT_ATTRS or
+          experiment.NON_BROADCAST_CHECKPOINT_ATTRS):
+    return experiment.snapshot_state()  # Its warning.
+  snapshot = {}
+  for attr, name in experiment.CHECKPOINT_ATTRS.items():
+    snapshot[name] = jax.tree.map(lambda x: _first_copy(x, fresh),
+                                  getattr(experiment, attr))
+  for attr, name in experiment.NON_BROADCAST_CHECKPOINT_ATTRS.items():
+    snapshot[name] = getattr(experiment, attr)
+  return snapshot
+
+
+def _detached(arrays: Dict[str, Any], fresh: set[int]) -> Dict[str, Any]:
+  """`arrays` with every live `jax.Array` replaced by an on-device copy."""
+  live = [k for k, v in arrays.items()
+          if isinstance(v, jax.Array) and id(v) not in fresh]
+  if not live:
+    return arrays
+  copies = jax.device_put([arrays[k] for k in live],
+                          [arrays[k].sharding for k in live], may_alias=False)
+  return {**arrays, **dict(zip(live, copies))}
 
 
 def _spec_sharding(spec: Any) -> Optional[NamedSharding]:

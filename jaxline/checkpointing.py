@@ -18,6 +18,7 @@ evaluated under another step's name.
 """
 
 import collections
+import concurrent.futures
 import os
 import tempfile
 import threading
@@ -58,8 +59,7 @@ _REFUSALS = (serialization.RestoreRefusedError,
              restore_checks.CheckpointMismatchError)
 
 
-class CheckpointUnavailableError(RuntimeError):
-  """The step an eval job picked was deleted or cannot be read; skip it."""
+CheckpointUnavailableError = restore_checks.CheckpointUnavailableError
 
 
 class _QuietOrbax(logging.logging.Filter):
@@ -114,6 +114,14 @@ class DiskCheckpointer(utils.Checkpointer):
     self._kwargs = run_config.flatten(
         config.get("experiment_kwargs"))
     self._async = async_save
+    # Single-process asynchronous saves run Orbax's whole save call here,
+    # device-to-host copy included, on arrays copied on the device first, so
+    # the loop only dispatches the copies. With several processes the call
+    # stays in the loop's thread: Orbax synchronises processes with device
+    # computations, which must keep their order relative to the steps'.
+    self._writer = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="jaxline-checkpoint-save")
+    self._pending: Optional[concurrent.futures.Future] = None
     self._follow = mode != "train"  # Readers look for new steps each time.
     self._every = bool(config.get("eval_every_checkpoint", False))
     self._states: Dict[str, Any] = {}
@@ -234,29 +242,36 @@ class DiskCheckpointer(utils.Checkpointer):
     state = self._states[ckpt_series]  # KeyError: a series never created.
     step = int(state.global_step)
     manager = self._manager(ckpt_series, create=True)
-    args = checkpoint_format.encode_state(
-        state, series=ckpt_series, allow_pickle=self._allow_pickle,
-        experiment_kwargs=self._kwargs, previous_step=max(
-            (s for s in manager.all_steps() if s < step), default=None))
-    with _SAVE_LOCK, self._lock:
+    with _SAVE_LOCK:
       for checkpointer in list(_LIVE_CHECKPOINTERS):
         checkpointer._wait_for_saves()  # pylint: disable=protected-access
-      self._drop_linked_steps(manager, self._series_dir(ckpt_series))
-      if step in manager.all_steps():
-        # "latest" at a saved step holds the same state (the final save right
-        # after a periodic one). "best" re-evaluated with a better value and
-        # unreadable checkpoints are replaced.
-        if ckpt_series == "latest" and step not in self._bad[ckpt_series]:
-          logging.info("Checkpoint %s at step %d already saved.",
-                       ckpt_series, step)
-          return
-        manager.delete(step)
-        self._bad[ckpt_series].discard(step)
-      # force: Orbax would skip a step below its newest (after a fallback).
-      manager.save(step, args=ocp.args.Composite(**args), force=True)
-      _TRAINED_HERE.add(self._root)
-      if not self._async:
-        manager.wait_until_finished()
+      with self._lock:
+        self._drop_linked_steps(manager, self._series_dir(ckpt_series))
+        if step in manager.all_steps():
+          # "latest" at a saved step holds the same state (the final save
+          # right after a periodic one). "best" re-evaluated with a better
+          # value and unreadable checkpoints are replaced.
+          if ckpt_series == "latest" and step not in self._bad[ckpt_series]:
+            logging.info("Checkpoint %s at step %d already saved.",
+                         ckpt_series, step)
+            return
+          manager.delete(step)
+          self._bad[ckpt_series].discard(step)
+        background = self._async and jax.process_count() == 1
+        args = ocp.args.Composite(**checkpoint_format.encode_state(
+            state, series=ckpt_series, allow_pickle=self._allow_pickle,
+            experiment_kwargs=self._kwargs, detach=background,
+            previous_step=max((s for s in manager.all_steps() if s < step),
+                              default=None)))
+        # force: Orbax would skip a step below its newest (after a fallback).
+        if background:
+          self._pending = self._writer.submit(manager.save, step, args=args,
+                                              force=True)
+        else:
+          manager.save(step, args=args, force=True)
+        _TRAINED_HERE.add(self._root)
+        if not self._async:
+          manager.wait_until_finished()
     logging.info("Saved checkpoint %s with id %s.", ckpt_series, step)
 
   def _read(self, series: str, step: int, live) -> Dict[str, Any]:
@@ -363,12 +378,15 @@ class DiskCheckpointer(utils.Checkpointer):
           previous, "" if done is None else f" after step {done}")
 
   def _wait_for_saves(self) -> None:
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      pending.result()  # A failed background save raises here.
     for manager in list(self._managers.values()):
       manager.wait_until_finished()
 
   def wait_for_checkpointing_to_finish(self) -> None:
+    self._wait_for_saves()
     for manager in list(self._managers.values()):
-      manager.wait_until_finished()
       manager.check_for_errors()
 
   def close(self) -> None:
@@ -377,6 +395,7 @@ class DiskCheckpointer(utils.Checkpointer):
       for manager in self._managers.values():
         manager.close()
     finally:
+      self._writer.shutdown(wait=True)
       self._managers.clear()
       if self._claim is not None:
         self._claim.release()

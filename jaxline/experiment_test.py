@@ -15,6 +15,8 @@ import pytest
 
 from jaxline import base_config
 from jaxline import experiment
+from jaxline import rng as rng_lib
+from jaxline import sharding
 from jaxline import utils
 
 # Contract §4 reference vectors: seed 42, JAX 0.10.2 defaults, process 0.
@@ -365,6 +367,196 @@ def test_train_loop_typed_keys_have_shape_n():
     assert jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
     np.testing.assert_array_equal(np.asarray(jax.random.key_data(rng)),
                                   np.asarray(raw_call["rng"]))
+
+
+def _styled(exp, style):
+  if style == "sharded":
+    setattr(exp, experiment.STYLE_ATTR, "sharded")
+  return exp
+
+
+def _per_step_chain(exp, config, state_rng, first_step, num_steps):
+  """(step, key, state) per step from one device call per step, as before
+  `StepKeys` derived them ahead: the reference for bit-identity."""
+  if experiment.is_sharded(exp):
+    advance = rng_lib.make_sharded_step_key_fn()
+    step = sharding.replicate(np.int32(first_step - 1))
+  else:
+    fn = rng_lib.make_step_key_fn(config.random_mode_train)
+    host_ids = utils.bcast_local_devices(np.int32(0))
+    advance = lambda s, r: fn(s, r, host_ids)
+    step = utils.bcast_local_devices(np.int32(first_step - 1))
+  out = []
+  for _ in range(num_steps):
+    step, key, state_rng = advance(step, state_rng)
+    out.append((np.asarray(step), np.asarray(key), np.asarray(state_rng)))
+  return out
+
+
+class _StateRecorder(_Recorder):
+  """Also records the key state the loop holds when `step` runs."""
+
+  def __init__(self, mode, init_rng=None, state=None):
+    super().__init__(mode, init_rng=init_rng)
+    self.state = state
+    self.state_rngs = []
+
+  def step(self, *, global_step, rng, writer):
+    self.state_rngs.append(np.asarray(self.state.train_step_rng))
+    return super().step(global_step=global_step, rng=rng, writer=writer)
+
+
+@pytest.mark.parametrize("style", ["pmap", "sharded"])
+def test_keys_derived_ahead_are_bit_identical_across_chunks(style):
+  # More than two chunks, ending inside the third.
+  steps = 2 * experiment.StepKeys.CHUNK + 5
+  config = _train_config(training_steps=steps)
+  exp = _styled(_StateRecorder("train"), style)
+  state = _loop_state(exp)
+  exp.state = state
+  reference = _per_step_chain(exp, config, _loop_state(exp).train_step_rng,
+                              0, steps)
+  exp.train_loop(config, state, ())
+  assert len(exp.calls) == steps
+  for i, (call, (ref_step, ref_key, ref_state)) in enumerate(
+      zip(exp.calls, reference)):
+    np.testing.assert_array_equal(np.asarray(call["global_step"]), ref_step)
+    np.testing.assert_array_equal(np.asarray(call["rng"]), ref_key)
+    # While step i runs, the state already holds the key state after it.
+    np.testing.assert_array_equal(exp.state_rngs[i], ref_state)
+  np.testing.assert_array_equal(np.asarray(state.train_step_rng),
+                                reference[-1][2])
+
+
+@pytest.mark.parametrize("style", ["pmap", "sharded"])
+def test_resume_inside_a_chunk_gives_the_uninterrupted_keys(style):
+  config = _train_config(training_steps=25)
+  full = _styled(_Recorder("train"), style)
+  full_state = _loop_state(full)
+  full.train_loop(config, full_state, ())
+
+  stop_at = 7  # Inside the first chunk.
+  first = _styled(_Recorder("train"), style)
+  first_state = _loop_state(first)
+  first.train_loop(_train_config(training_steps=stop_at), first_state, ())
+  resumed = _styled(_Recorder("train"), style)
+  state = _loop_state(resumed, global_step=stop_at)
+  state.train_step_rng = first_state.train_step_rng
+  resumed.train_loop(config, state, ())
+
+  got = first.calls + resumed.calls
+  assert len(got) == len(full.calls) == 25
+  for want, call in zip(full.calls, got):
+    np.testing.assert_array_equal(np.asarray(call["global_step"]),
+                                  np.asarray(want["global_step"]))
+    np.testing.assert_array_equal(np.asarray(call["rng"]),
+                                  np.asarray(want["rng"]))
+  np.testing.assert_array_equal(np.asarray(state.train_step_rng),
+                                np.asarray(full_state.train_step_rng))
+
+
+@pytest.mark.parametrize("style", ["pmap", "sharded"])
+@pytest.mark.parametrize("new_step", [3, 10])
+def test_key_state_replaced_by_an_action_restarts_the_derivation(
+    style, new_step):
+  # An action (a restore, say) replaces the key state after step 3, and
+  # perhaps the step count: the next steps and keys come from what it set.
+  config = _train_config(training_steps=new_step + 4)
+  exp = _styled(_Recorder("train"), style)
+  state = _loop_state(exp)
+  new_rng = exp.initialize_train_step_rng(jax.random.PRNGKey(7))
+
+  class Restore(_RecordingAction):
+
+    def __call__(self, t, step, scalar_outputs):
+      if step == 3:
+        state.train_step_rng = new_rng
+        state.global_step = new_step
+
+  exp.train_loop(config, state, [Restore()])
+  assert len(exp.calls) == 3 + 4
+  reference = _per_step_chain(exp, config, new_rng, new_step, 4)
+  for call, (ref_step, ref_key, _) in zip(exp.calls[3:], reference):
+    np.testing.assert_array_equal(np.asarray(call["global_step"]), ref_step)
+    np.testing.assert_array_equal(np.asarray(call["rng"]), ref_key)
+  np.testing.assert_array_equal(np.asarray(state.train_step_rng),
+                                reference[-1][2])
+
+
+@pytest.mark.parametrize("style", ["pmap", "sharded"])
+def test_step_count_moved_by_an_action_moves_the_global_step(style):
+  # The key state is left alone: steps 10 to 13 get the keys that steps 3
+  # to 6 would have had, under their own step numbers.
+  config = _train_config(training_steps=14)
+  exp = _styled(_Recorder("train"), style)
+  state = _loop_state(exp)
+  reference = _per_step_chain(exp, config, state.train_step_rng, 0, 7)
+
+  class Skip(_RecordingAction):
+
+    def __call__(self, t, step, scalar_outputs):
+      if step == 3:
+        state.global_step = 10
+
+  exp.train_loop(config, state, [Skip()])
+  assert len(exp.calls) == 7
+  for i, (call, (ref_step, ref_key, _)) in enumerate(
+      zip(exp.calls, reference)):
+    want_step = ref_step if i < 3 else ref_step + 7
+    np.testing.assert_array_equal(np.asarray(call["global_step"]), want_step)
+    np.testing.assert_array_equal(np.asarray(call["rng"]), ref_key)
+
+
+class _Compiles:
+  """Counts XLA compiles in this process (JAX's monitoring events)."""
+
+  def __enter__(self):
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+    return self
+
+  def __exit__(self, *exc_info):
+    jax.monitoring.unregister_event_duration_listener(self._on_event)
+
+  def _on_event(self, event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+
+@pytest.mark.parametrize("style", ["pmap", "sharded"])
+def test_step_keys_compiled_ahead_need_no_compile_in_the_loop(style):
+  config = _train_config(training_steps=3, experiment_style=style,
+                         random_mode_train="same_host_unique_device")
+  train_rng = jnp.asarray(np.array(_TRAIN_KEY_42, np.uint32))
+  exp = _styled(_Recorder("train"), style)
+  state_rng = exp.initialize_train_step_rng(train_rng)
+  # Other tests in this process may have compiled the derivation already.
+  rng_lib._cached_step_keys_fn.cache_clear()  # pylint: disable=protected-access
+  rng_lib._cached_sharded_step_keys_fn.cache_clear()  # pylint: disable=protected-access
+  with _Compiles() as compiles:
+    wait = experiment.StepKeys.compile_ahead(_Recorder, config, train_rng)
+    wait()
+    assert compiles.count >= 1  # The derivation compiled in the thread.
+    before = compiles.count
+    keys = experiment.StepKeys(exp, config)
+    keys.next(5, state_rng)
+    assert compiles.count == before
+
+
+def test_step_keys_are_not_compiled_ahead_for_a_loop_of_its_own():
+
+  class OwnLoop(_Recorder):
+
+    def train_loop(self, config, state, periodic_actions, writer=None):
+      pass
+
+  train_rng = jnp.asarray(np.array(_TRAIN_KEY_42, np.uint32))
+  with _Compiles() as compiles:
+    wait = experiment.StepKeys.compile_ahead(OwnLoop, _train_config(),
+                                             train_rng)
+    wait()
+  assert compiles.count == 0
 
 
 @pytest.mark.parametrize("bad", [None, 1.5, [("loss", 1.0)], "loss"])

@@ -26,6 +26,14 @@ class CheckpointMismatchError(ValueError):
   """The checkpoint does not fit the experiment; never a reason to fall back."""
 
 
+class CheckpointUnavailableError(RuntimeError):
+  """The step an eval job picked was deleted or cannot be read; skip it.
+
+  Defined here, not beside the disk checkpointer that raises it, so that
+  `train.evaluate` can catch it without importing Orbax.
+  """
+
+
 class SavedArray:
   """Stands for an array of the checkpoint before it is read from disk."""
 

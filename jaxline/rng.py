@@ -105,6 +105,83 @@ def _cached_step_key_fn(mode: str, local_devices: tuple[Any, ...],
   return _on_local_devices(advance)
 
 
+def make_step_keys_fn(mode: str, chunk: int) -> Callable[..., Any]:
+  """`chunk` steps of `make_step_key_fn` in one device call.
+
+  Returns `advance(last_step, state_rng, host_ids)`, where `last_step` is a
+  host scalar (the step count before the first of them, minus one), giving a
+  tuple of `chunk` `(step, key, state_rng)` triples, the same arrays, bit for
+  bit, as `chunk` chained calls of `make_step_key_fn(mode)` would. Deriving
+  keys ahead is what lets the loop skip a device call per step.
+  """
+  return _cached_step_keys_fn(mode, chunk, tuple(jax.local_devices()),
+                              jax.jit)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_step_keys_fn(mode: str, chunk: int,
+                         local_devices: tuple[Any, ...],
+                         jit: Callable[..., Any]) -> Callable[..., Any]:
+  del local_devices, jit  # Cache keys only.
+
+  def one(step, state_rng, host_id):
+    key, new_state_rng = jax.random.split(state_rng)
+    key = specialize_rng_host_device(key, host_id, devices.LOCAL_AXIS, mode)
+    return step + 1, key, new_state_rng
+
+  def advance(step, state_rng, host_id):
+    return _unrolled_outputs(
+        lambda s, r: one(s, r, host_id), step, state_rng, chunk)
+
+  # The host step is one scalar for every device (in_axes None).
+  mapped = jax.vmap(advance, in_axes=(None, 0, 0),
+                    axis_name=devices.LOCAL_AXIS)
+  return jax.jit(mapped, out_shardings=devices.per_device_sharding())
+
+
+def make_sharded_step_keys_fn(chunk: int) -> Callable[..., Any]:
+  """`chunk` steps of `make_sharded_step_key_fn` in one call, same values.
+
+  `advance(last_step, state_rng)` takes the host step count minus one and
+  returns a tuple of `chunk` replicated `(step, key, state_rng)` triples.
+  """
+  return _cached_sharded_step_keys_fn(chunk, tuple(jax.devices()), jax.jit)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_sharded_step_keys_fn(chunk: int, all_devices: tuple[Any, ...],
+                                 jit: Callable[..., Any]) -> Callable[..., Any]:
+  del all_devices, jit  # Cache keys only.
+  from jaxline import sharding  # pylint: disable=g-import-not-at-top
+
+  def one(step, state_rng):
+    key, new_state_rng = jax.random.split(state_rng)
+    return step + 1, key, new_state_rng
+
+  def advance(step, state_rng):
+    return _unrolled_outputs(one, step, state_rng, chunk)
+
+  return jax.jit(advance, out_shardings=sharding.replicated())
+
+
+def _unrolled_outputs(one: Callable[..., Any], step: Any, state_rng: Any,
+                      chunk: int) -> tuple[Any, ...]:
+  """`chunk` chained `one(step, state_rng)` results, each a separate output.
+
+  A scan keeps the compiled program to one copy of the key derivation
+  (unrolled, XLA:CPU takes seconds to compile 16 of them); slicing its
+  stacked results inside the same program gives each step its own arrays.
+  """
+
+  def body(carry, _):
+    out = one(*carry)
+    return (out[0], out[2]), out
+
+  _, stacked = jax.lax.scan(body, (step, state_rng), None, length=chunk)
+  return tuple(jax.tree.map(lambda x, i=i: x[i], stacked)
+               for i in range(chunk))
+
+
 def make_sharded_step_key_fn() -> Callable[..., Any]:
   """`advance(step, state_rng) -> (step+1, key, state_rng)`, all replicated.
 

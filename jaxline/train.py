@@ -20,11 +20,11 @@ from ml_collections import config_dict
 import numpy as np
 
 from jaxline import actions as actions_lib
-from jaxline import checkpointing
 from jaxline import experiment as experiment_lib
 from jaxline import nonfinite
 from jaxline import periodic
 from jaxline import preemption
+from jaxline import restore_checks
 from jaxline import rng as rng_lib
 from jaxline import sharding
 from jaxline import utils
@@ -58,6 +58,8 @@ def train(experiment_class: Callable[..., Any],
     _check_save_steps_agree(config)
 
   train_key, init_key = rng_lib.train_and_init_keys(config)
+  keys_compiled = experiment_lib.StepKeys.compile_ahead(
+      experiment_class, config, train_key)
   with utils.log_activity("experiment init"):
     experiment = build_experiment(experiment_class, "train", init_key, config)
 
@@ -95,6 +97,7 @@ def train(experiment_class: Callable[..., Any],
 
   grace = watchdog.SignalGrace(config.get("preemption_grace_secs", 60.0),
                                writer=writer, step=lambda: state.global_step)
+  keys_compiled()  # Not two compiles of one function at once.
   try:
     with preemption.catch_signals(stop_event, on_signal=grace.start):
       experiment.train_loop(config, state, actions, writer)
@@ -207,7 +210,7 @@ def evaluate(experiment_class: Callable[..., Any],
       else:
         try:
           checkpointer.restore("latest")
-        except checkpointing.CheckpointUnavailableError as e:
+        except restore_checks.CheckpointUnavailableError as e:
           logging.warning("%s Skipping it; looking for the next one.", e)
           continue
 
