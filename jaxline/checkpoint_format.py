@@ -132,34 +132,53 @@ def encode_state(state: Mapping[str, Any], *, series: str,
 
 
 @functools.lru_cache(maxsize=None)
-def _select_first():
+def _select_firsts():
   # A select on a runtime flag, not a plain slice: XLA:CPU runs a program
   # that only copies in the calling thread, which would stall the loop for
-  # the whole copy; a select is dispatched like any other computation.
-  return jax.jit(lambda x, keep: jax.numpy.where(
-      keep, x[0], jax.numpy.zeros_like(x[0])))
+  # the whole copy; a select is dispatched like any other computation. One
+  # program for all of a save's arrays: one compile, at the first save.
+  return jax.jit(lambda xs, keep: [
+      jax.numpy.where(keep, x[0], jax.numpy.zeros_like(x[0])) for x in xs])
 
 
-def _first_copy(x: Any, fresh: set[int]) -> Any:
-  """`devices.get_first` of one leaf, as a fresh array, without waiting.
+def _first_source(x: Any) -> Optional[jax.Array]:
+  """The array whose `[0]` is `devices.get_first(x)`, on one device if it can.
 
-  Adds the new array's id to `fresh`: it needs no further copy.
+  None where `devices.get_first` is used as it is.
   """
-  if not isinstance(x, jax.Array) or not x.ndim:
-    return np.array(devices.get_first(x))
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    return devices.get_first(x)  # Copied with the others by `_detached`.
-  if len(x.sharding.device_set) > 1:
-    for shard in x.addressable_shards:  # As devices.get_first picks it.
-      if ((shard.index[0].start or 0) == 0 and
-          shard.data.shape[1:] == x.shape[1:]):
-        x = shard.data
-        break
+  if (not isinstance(x, jax.Array) or not x.ndim or
+      jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)):
+    return None
+  if len(x.sharding.device_set) == 1:
+    return x
+  for shard in x.addressable_shards:  # As devices.get_first picks it.
+    if ((shard.index[0].start or 0) == 0 and
+        shard.data.shape[1:] == x.shape[1:]):
+      return shard.data
+  return None
+
+
+def _detached_firsts(tree: Any, fresh: set[int]) -> Any:
+  """`devices.get_first(tree)`, its arrays fresh copies made without waiting.
+
+  Adds the new arrays' ids to `fresh`: they need no further copy.
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  out = list(leaves)
+  groups: Dict[frozenset, list] = {}
+  for i, leaf in enumerate(leaves):
+    source = _first_source(leaf)
+    if source is None:
+      out[i] = devices.get_first(leaf)
     else:
-      return devices.get_first(x)
-  first = _select_first()(x, np.bool_(True))
-  fresh.add(id(first))
-  return first
+      groups.setdefault(frozenset(source.sharding.device_set), []).append(
+          (i, source))
+  for members in groups.values():
+    firsts = _select_firsts()([x for _, x in members], np.bool_(True))
+    for (i, _), first in zip(members, firsts):
+      out[i] = first
+      fresh.add(id(first))
+  return jax.tree.unflatten(treedef, out)
 
 
 def _detached_snapshot(experiment: Any, fresh: set[int]) -> Dict[str, Any]:
@@ -175,24 +194,34 @@ def _detached_snapshot(experiment: Any, fresh: set[int]) -> Dict[str, Any]:
   if not (experiment.CHECKPOINT_ATTRS or
           experiment.NON_BROADCAST_CHECKPOINT_ATTRS):
     return experiment.snapshot_state()  # Its warning.
-  snapshot = {}
-  for attr, name in experiment.CHECKPOINT_ATTRS.items():
-    snapshot[name] = jax.tree.map(lambda x: _first_copy(x, fresh),
-                                  getattr(experiment, attr))
+  per_device = {name: getattr(experiment, attr)
+                for attr, name in experiment.CHECKPOINT_ATTRS.items()}
+  firsts = _detached_firsts(per_device, fresh)
+  snapshot = {name: firsts[name] for name in per_device}  # In their order.
   for attr, name in experiment.NON_BROADCAST_CHECKPOINT_ATTRS.items():
     snapshot[name] = getattr(experiment, attr)
   return snapshot
 
 
+@functools.lru_cache(maxsize=None)
+def _select_copies():
+  # As `_select_firsts`, whole arrays: element-wise, so each keeps its
+  # sharding and no device talks to another.
+  return jax.jit(lambda xs, keep: [
+      jax.numpy.where(keep, x, jax.numpy.zeros_like(x)) for x in xs])
+
+
 def _detached(arrays: Dict[str, Any], fresh: set[int]) -> Dict[str, Any]:
   """`arrays` with every live `jax.Array` replaced by an on-device copy."""
-  live = [k for k, v in arrays.items()
-          if isinstance(v, jax.Array) and id(v) not in fresh]
-  if not live:
-    return arrays
-  copies = jax.device_put([arrays[k] for k in live],
-                          [arrays[k].sharding for k in live], may_alias=False)
-  return {**arrays, **dict(zip(live, copies))}
+  groups: Dict[Any, list] = {}  # One program per sharding.
+  for key, value in arrays.items():
+    if isinstance(value, jax.Array) and id(value) not in fresh:
+      groups.setdefault(value.sharding, []).append(key)
+  copies = {}
+  for keys in groups.values():
+    values = _select_copies()([arrays[k] for k in keys], np.bool_(True))
+    copies.update(zip(keys, values))
+  return {**arrays, **copies}
 
 
 def _spec_sharding(spec: Any) -> Optional[NamedSharding]:

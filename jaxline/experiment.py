@@ -235,20 +235,21 @@ class StepKeys:
     self._rng = None
 
   @classmethod
-  def compile_ahead(cls, experiment_class: Any, config,
-                    train_rng: jax.Array) -> Callable[[], None]:
+  def compile_ahead(cls, experiment_class: Any, config) -> Callable[[], None]:
     """Compiles the key derivation in a thread; returns a wait for it.
 
-    `train` calls it before building the experiment, so the compile runs
-    while the experiment's constructor does, not before the first step.
-    Only for the base class's key state and loop, whose inputs are known
-    before the experiment exists; otherwise it does nothing.
+    `train` calls it first, so the compile runs while the seed's keys are
+    made and the experiment's constructor runs, not before the first step.
+    Only for the base class's key state and loop with raw keys, whose shapes
+    are known before the experiment exists; otherwise it does nothing.
     """
     base = AbstractExperiment
+    key = jax.eval_shape(jax.random.PRNGKey, 0)  # Traces; compiles nothing.
     if (not isinstance(experiment_class, type) or
         experiment_class.initialize_train_step_rng is not
         base.initialize_train_step_rng or
-        experiment_class.train_loop is not base.train_loop):
+        experiment_class.train_loop is not base.train_loop or
+        not np.issubdtype(key.dtype, np.unsignedinteger)):
       return lambda: None
     style = config.get("experiment_style", "pmap")
     dtype = _step_dtype()
@@ -257,7 +258,8 @@ class StepKeys:
       try:
         exp = types.SimpleNamespace(**{STYLE_ATTR: style})
         keys = cls(exp, config)
-        rng = base.initialize_train_step_rng(exp, train_rng)
+        rng = base.initialize_train_step_rng(
+            exp, np.zeros(key.shape, key.dtype))
         jax.block_until_ready(keys._advance(np.asarray(0, dtype), rng))  # pylint: disable=protected-access
       except Exception:  # pylint: disable=broad-except
         # The loop compiles it then, and reports any error itself.

@@ -535,7 +535,7 @@ def test_step_keys_compiled_ahead_need_no_compile_in_the_loop(style):
   rng_lib._cached_step_keys_fn.cache_clear()  # pylint: disable=protected-access
   rng_lib._cached_sharded_step_keys_fn.cache_clear()  # pylint: disable=protected-access
   with _Compiles() as compiles:
-    wait = experiment.StepKeys.compile_ahead(_Recorder, config, train_rng)
+    wait = experiment.StepKeys.compile_ahead(_Recorder, config)
     wait()
     assert compiles.count >= 1  # The derivation compiled in the thread.
     before = compiles.count
@@ -551,10 +551,8 @@ def test_step_keys_are_not_compiled_ahead_for_a_loop_of_its_own():
     def train_loop(self, config, state, periodic_actions, writer=None):
       pass
 
-  train_rng = jnp.asarray(np.array(_TRAIN_KEY_42, np.uint32))
   with _Compiles() as compiles:
-    wait = experiment.StepKeys.compile_ahead(OwnLoop, _train_config(),
-                                             train_rng)
+    wait = experiment.StepKeys.compile_ahead(OwnLoop, _train_config())
     wait()
   assert compiles.count == 0
 

@@ -63,10 +63,22 @@ def specialize_rng_host_device(
 
 def train_and_init_keys(config) -> Tuple[jax.Array, jax.Array]:
   """The key behind every step's key, and the key given to the constructor."""
-  key = jax.random.PRNGKey(config.random_seed)
   if config.legacy_random_seed_behavior:
+    key = jax.random.PRNGKey(config.random_seed)
     return key, key
-  train_key, init_key = jax.random.split(key)
+  # The settings that change what PRNGKey returns, as static arguments:
+  # JAX's own jit cache does not key on all of them.
+  return _seed_and_split(config.random_seed, jax.config.jax_enable_custom_prng,
+                         jax.config.jax_default_prng_impl)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _seed_and_split(seed: int, custom_prng: bool,
+                    prng_impl: str) -> Tuple[jax.Array, jax.Array]:
+  # One program, not three (seed, split, unstack): each compile is start-up
+  # time before the first step.
+  del custom_prng, prng_impl  # Cache keys only.
+  train_key, init_key = jax.random.split(jax.random.PRNGKey(seed))
   return train_key, init_key
 
 

@@ -57,9 +57,9 @@ def train(experiment_class: Callable[..., Any],
   if collective and jax.process_count() > 1:
     _check_save_steps_agree(config)
 
+  keys_compiled = experiment_lib.StepKeys.compile_ahead(experiment_class,
+                                                        config)
   train_key, init_key = rng_lib.train_and_init_keys(config)
-  keys_compiled = experiment_lib.StepKeys.compile_ahead(
-      experiment_class, config, train_key)
   with utils.log_activity("experiment init"):
     experiment = build_experiment(experiment_class, "train", init_key, config)
 
