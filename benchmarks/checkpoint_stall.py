@@ -162,15 +162,20 @@ class _BigParams(experiment.AbstractExperiment):
 
   def __init__(self, mode, init_rng=None):
     super().__init__(mode, init_rng)
-    shape = (jax.local_device_count(), self.SIZE_MB * 2**20 // 4)
+    shape, layout = self._layout(jax.local_device_count(),
+                                 self.SIZE_MB * 2**20 // 4)
     # Random values (a constant array would compress to nothing on disk),
-    # made on the devices in the per-device layout.
+    # made on the devices in the experiment's layout.
     self._params = {"w": jax.jit(
         lambda: jax.random.uniform(jax.random.key(0), shape),
-        out_shardings=devices.per_device_sharding())()}
+        out_shardings=layout)()}
     self._steps = 0
     self._update = jax.jit(lambda p: jax.tree.map(rotate, p),
                            donate_argnums=0)
+
+  def _layout(self, n, size):
+    """The pmap style: the whole array on each of the `n` devices."""
+    return (n, size), devices.per_device_sharding()
 
   def step(self, *, global_step, rng, writer):
     self._params = self._update(self._params)
@@ -183,19 +188,11 @@ class _BigParams(experiment.AbstractExperiment):
 
 
 class _BigGlobalParams(_BigParams):
-  """The same parameters as one global array (the sharded style), split by
-  rows over this process's devices (one on a CPU machine)."""
+  """The same parameters as one global array (the sharded style)."""
 
-  def __init__(self, mode, init_rng=None):  # pylint: disable=super-init-not-called
-    experiment.AbstractExperiment.__init__(self, mode, init_rng)
-    n = jax.local_device_count()
-    shape = (n, self.SIZE_MB * 2**20 // 4 // n)
-    self._params = {"w": jax.jit(
-        lambda: jax.random.uniform(jax.random.key(0), shape),
-        out_shardings=sharding_lib.batch_sharded())()}
-    self._steps = 0
-    self._update = jax.jit(lambda p: jax.tree.map(rotate, p),
-                           donate_argnums=0)
+  def _layout(self, n, size):
+    """Split by rows over the `n` devices (one on a CPU machine)."""
+    return (n, size // n), sharding_lib.batch_sharded()
 
 
 class _TimedCheckpointer(checkpointing.DiskCheckpointer):
@@ -377,35 +374,23 @@ def summarize(case, process, model_mb, own_mb, results):
   return row
 
 
-def _run_pmap(args, root):
-  _BigParams.SIZE_MB = args.size_mb
-  interval = choose_interval(_BigParams, args.size_mb, args.interval,
+def _run_in_process(args, root, experiment_class, case: str,
+                    style: str = "pmap"):
+  """Both modes of one experiment in this process; its table row."""
+  experiment_class.SIZE_MB = args.size_mb
+  interval = choose_interval(experiment_class, args.size_mb, args.interval,
                              args.seconds_between_saves)
   results = []
   for mode in MODES:
-    print(f"pmap: running {mode}, a save every {interval} steps ...",
+    print(f"{case}: running {mode}, a save every {interval} steps ...",
           flush=True)
-    results.append(run(_BigParams, mode, saves=args.saves,
-                       interval=interval,
-                       root=os.path.join(root, "pmap")))
-  size = args.size_mb * jax.local_device_count()  # Held per device.
-  return [summarize(f"pmap 1x{jax.local_device_count()}", 0, args.size_mb,
-                    size, results)]
-
-
-def _run_sharded(args, root):
-  _BigGlobalParams.SIZE_MB = args.size_mb
-  interval = choose_interval(_BigGlobalParams, args.size_mb, args.interval,
-                             args.seconds_between_saves)
-  results = []
-  for mode in MODES:
-    print(f"sharded: running {mode}, a save every {interval} steps ...",
-          flush=True)
-    results.append(run(_BigGlobalParams, mode, saves=args.saves,
-                       interval=interval, style="sharded",
-                       root=os.path.join(root, "sharded")))
-  return [summarize(f"sharded 1x{jax.local_device_count()}", 0,
-                    args.size_mb, args.size_mb, results)]
+    results.append(run(experiment_class, mode, saves=args.saves,
+                       interval=interval, style=style,
+                       root=os.path.join(root, case)))
+  # pmap holds the model on every device; sharded splits it over them.
+  own = args.size_mb * (jax.local_device_count() if style == "pmap" else 1)
+  return [summarize(f"{case} 1x{jax.local_device_count()}", 0, args.size_mb,
+                    own, results)]
 
 
 def _free_port():
@@ -535,9 +520,10 @@ def main():
   rows, failed = [], False
   with tempfile.TemporaryDirectory(dir=args.dir or None) as root:
     if "pmap" in cases:
-      rows += _run_pmap(args, root)
+      rows += _run_in_process(args, root, _BigParams, "pmap")
     if "sharded" in cases:
-      rows += _run_sharded(args, root)
+      rows += _run_in_process(args, root, _BigGlobalParams, "sharded",
+                              style="sharded")
     if "fsdp" in cases:
       fsdp = _run_fsdp(args, root)
       failed = fsdp is None

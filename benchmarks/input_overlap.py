@@ -49,29 +49,12 @@ JAX. The script prints numbers, exits 0 and never asserts on timings.
 import os
 import sys
 
-
-def _devices_from_argv(argv):
-  """The `--devices` value, read before argparse so JAX sees the env."""
-  for i, arg in enumerate(argv):
-    if arg == "--devices" and i + 1 < len(argv):
-      return argv[i + 1]
-    if arg.startswith("--devices="):
-      return arg.split("=", 1)[1]
-  return "1"
+import forced_devices  # benchmarks/forced_devices.py, beside this script.
 
 
-def _force_device_count(count):
-  """Sets the host-platform device count in XLA_FLAGS (replacing any)."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  flags.append(f"--xla_force_host_platform_device_count={count}")
-  os.environ["XLA_FLAGS"] = " ".join(flags)
-  os.environ["JAX_PLATFORMS"] = "cpu"
-
-
-_REQUESTED_DEVICES = _devices_from_argv(sys.argv)
+_REQUESTED_DEVICES = forced_devices.requested(sys.argv, "1")
 if _REQUESTED_DEVICES != "native":
-  _force_device_count(int(_REQUESTED_DEVICES))
+  forced_devices.force(int(_REQUESTED_DEVICES))
 # Run from a checkout without installing: the repository root goes first.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))

@@ -76,29 +76,12 @@ results, exits 0, and never asserts on timings.
 import os
 import sys
 
-
-def _devices_from_argv(argv):
-  """The `--devices` value, read before argparse so JAX sees the env."""
-  for i, arg in enumerate(argv):
-    if arg == "--devices" and i + 1 < len(argv):
-      return argv[i + 1]
-    if arg.startswith("--devices="):
-      return arg.split("=", 1)[1]
-  return "1,8"
+import forced_devices  # benchmarks/forced_devices.py, beside this script.
 
 
-def _force_device_count(count):
-  """Sets the host-platform device count in XLA_FLAGS (replacing any)."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-           if not f.startswith("--xla_force_host_platform_device_count")]
-  flags.append(f"--xla_force_host_platform_device_count={count}")
-  os.environ["XLA_FLAGS"] = " ".join(flags)
-  os.environ["JAX_PLATFORMS"] = "cpu"
-
-
-_REQUESTED_DEVICES = _devices_from_argv(sys.argv)
+_REQUESTED_DEVICES = forced_devices.requested(sys.argv, "1,8")
 if "," not in _REQUESTED_DEVICES and _REQUESTED_DEVICES != "native":
-  _force_device_count(int(_REQUESTED_DEVICES))
+  forced_devices.force(int(_REQUESTED_DEVICES))
 # Run from a checkout without installing: the repository root goes first.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
@@ -451,24 +434,12 @@ def _original_pmap_train_loop(exp, config, state, periodic_actions,
   from jaxline's (0.0.8 gave the first step the unsplit state key); the cost
   does not.
   """
-  mode = config.random_mode_train
-  next_state = _orig_pmap_advance(mode)
+  next_state = _orig_pmap_advance(config.random_mode_train)
   n = jax.local_device_count()
-  global_step_devices = np.broadcast_to(np.int32(state.global_step), [n])
   host_ids = jnp.broadcast_to(jax.process_index(), (n,))
-  step_key = state.train_step_rng
-  with utils.log_activity("training loop"):
-    while state.global_step < config.training_steps:
-      with jax.profiler.StepTraceAnnotation("train",
-                                            step_num=state.global_step):
-        scalar_outputs = exp.step(global_step=global_step_devices,
-                                  rng=step_key, writer=writer)
-        t = time.time()
-        state.global_step += 1
-        global_step_devices, step_key, state.train_step_rng = next_state(
-            global_step_devices, state.train_step_rng, host_ids)
-      for action in periodic_actions:
-        action(t, state.global_step, scalar_outputs)
+  _original_loop(exp, config, state, periodic_actions, writer,
+                 lambda step, rng: next_state(step, rng, host_ids),
+                 np.broadcast_to(np.int32(state.global_step), [n]))
 
 
 def _original_sharded_train_loop(exp, config, state, periodic_actions,
@@ -482,7 +453,13 @@ def _original_sharded_train_loop(exp, config, state, periodic_actions,
   no host or device folding) in place of the pmap.
   """
   next_state = jax.jit(lambda s, k: _split_advance(s, k))
-  global_step_devices = np.asarray(state.global_step, np.int32)
+  _original_loop(exp, config, state, periodic_actions, writer, next_state,
+                 np.asarray(state.global_step, np.int32))
+
+
+def _original_loop(exp, config, state, periodic_actions, writer, next_state,
+                   global_step_devices) -> None:
+  """0.0.8's loop body: step, count, then one device call for the keys."""
   step_key = state.train_step_rng
   with utils.log_activity("training loop"):
     while state.global_step < config.training_steps:

@@ -76,7 +76,6 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import jmp
-import numpy as np
 import optax
 
 from jaxline import base_config

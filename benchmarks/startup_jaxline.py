@@ -33,7 +33,7 @@ class Experiment(experiment.AbstractExperiment):
 
   def __init__(self, mode: str, init_rng: Optional[jax.Array] = None):
     super().__init__(mode=mode, init_rng=init_rng)
-    self._params = jax.device_put(startup_plain.init_params())
+    self._params = startup_plain.init_params(init_rng)
     self._images, self._labels = jax.device_put(startup_plain.batch())
     self._reported = False
 

@@ -1,7 +1,8 @@
 """A plain JAX script's time to its first step: the baseline of `startup.py`.
 
-It imports JAX, builds a tiny MLP and a jitted SGD update, puts one batch on
-the device, runs one step and waits for it. It prints
+It imports JAX, makes its keys (`PRNGKey`, a split) and a tiny MLP's
+parameters with `jax.random`, puts one batch on the device, runs one jitted
+SGD update and waits for it. It prints
 
   IMPORTED <seconds since STARTUP_T0>     once its imports are done
   FIRST_STEP <seconds since STARTUP_T0>   once the step's results are ready
@@ -23,17 +24,23 @@ SIZES = (64, 128, 128, 10)  # Input features, two hidden layers, classes.
 LEARNING_RATE = 0.1
 
 
-def init_params(seed: int = 0) -> list:
-  """Weights and biases of the dense layers, made on the host.
+@jax.jit
+def init_params(key: jax.Array) -> list:
+  """Weights and biases of the dense layers, drawn with `jax.random`.
 
-  numpy, not `jax.random`: a random init would compile its own program,
-  which the two children would then both pay, hiding nothing but adding
-  noise.
+  As a training script does: its key comes from `PRNGKey(seed)` and a
+  split, which jaxline makes for the experiment (`init_rng`), so both
+  children compile the same key and init programs.
   """
-  rng = np.random.default_rng(seed)
-  return [(rng.normal(0.0, 1.0 / np.sqrt(m), (m, n)).astype(np.float32),
-           np.zeros((n,), np.float32))
-          for m, n in zip(SIZES[:-1], SIZES[1:])]
+  keys = jax.random.split(key, len(SIZES) - 1)
+  return [(jax.random.normal(k, (m, n)) / np.sqrt(m), jnp.zeros((n,)))
+          for k, m, n in zip(keys, SIZES[:-1], SIZES[1:])]
+
+
+def seed_keys(seed: int = 0) -> tuple:
+  """The script's own key and the key its init uses."""
+  key, init_key = jax.random.split(jax.random.PRNGKey(seed))
+  return key, init_key
 
 
 def batch(seed: int = 1) -> tuple:
@@ -68,7 +75,8 @@ def report(marker: str) -> None:
 
 def main() -> None:
   report("IMPORTED")
-  params = jax.device_put(init_params())
+  _, init_key = seed_keys()
+  params = init_params(init_key)
   images, labels = jax.device_put(batch())
   params, loss = update(params, images, labels)
   jax.block_until_ready((params, loss))
