@@ -149,13 +149,8 @@ def _first_source(x: Any) -> Optional[jax.Array]:
   if (not isinstance(x, jax.Array) or not x.ndim or
       jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)):
     return None
-  if len(x.sharding.device_set) == 1:
-    return x
-  for shard in x.addressable_shards:  # As devices.get_first picks it.
-    if ((shard.index[0].start or 0) == 0 and
-        shard.data.shape[1:] == x.shape[1:]):
-      return shard.data
-  return None
+  source = devices.first_source(x)
+  return source if len(source.sharding.device_set) == 1 else None
 
 
 def _detached_firsts(tree: Any, fresh: set[int]) -> Any:

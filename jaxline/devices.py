@@ -66,16 +66,24 @@ def bcast_local_devices(value: Any) -> Any:
   return jax.tree.map(lambda x: _bcast_leaf(x, devices, sharding), value)
 
 
-def _first_leaf(x: Any) -> Any:
+def first_source(x: Any) -> Any:
+  """The array whose `[0]` is `get_first`'s value for leaf `x`.
+
+  Indexing a sharded array may gather it; a shard that starts at index 0
+  and spans every other axis already holds x[0], on one device. Otherwise
+  `x` itself.
+  """
   if (isinstance(x, jax.Array) and x.ndim and
       len(x.sharding.device_set) > 1):
-    # Indexing a sharded array may gather it; a shard that starts at index 0
-    # and spans every other axis already has the value of x[0].
     for shard in x.addressable_shards:
       if ((shard.index[0].start or 0) == 0 and
           shard.data.shape[1:] == x.shape[1:]):
-        return shard.data[0]
-  return x[0]
+        return shard.data
+  return x
+
+
+def _first_leaf(x: Any) -> Any:
+  return first_source(x)[0]
 
 
 def get_first(xs: Any) -> Any:

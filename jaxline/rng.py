@@ -142,7 +142,7 @@ def _cached_step_keys_fn(mode: str, chunk: int,
     return step + 1, key, new_state_rng
 
   def advance(step, state_rng, host_id):
-    return _unrolled_outputs(
+    return _chained_outputs(
         lambda s, r: one(s, r, host_id), step, state_rng, chunk)
 
   # The host step is one scalar for every device (in_axes None).
@@ -171,17 +171,17 @@ def _cached_sharded_step_keys_fn(chunk: int, all_devices: tuple[Any, ...],
     return step + 1, key, new_state_rng
 
   def advance(step, state_rng):
-    return _unrolled_outputs(one, step, state_rng, chunk)
+    return _chained_outputs(one, step, state_rng, chunk)
 
   return jax.jit(advance, out_shardings=sharding.replicated())
 
 
-def _unrolled_outputs(one: Callable[..., Any], step: Any, state_rng: Any,
+def _chained_outputs(one: Callable[..., Any], step: Any, state_rng: Any,
                       chunk: int) -> tuple[Any, ...]:
   """`chunk` chained `one(step, state_rng)` results, each a separate output.
 
-  A scan keeps the compiled program to one copy of the key derivation
-  (unrolled, XLA:CPU takes seconds to compile 16 of them); slicing its
+  A scan, not an unrolled loop, keeps the compiled program to one copy of
+  the key derivation (XLA:CPU takes seconds to compile 16); slicing its
   stacked results inside the same program gives each step its own arrays.
   """
 
